@@ -1,0 +1,68 @@
+# Twarga Lab. On a fresh Debian 12 machine, as root:
+#   make run    install everything, start libvirtd, build the default image, serve JupyterLab
+#   make test   install everything, start libvirtd, build the default image, run every test
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := $(CURDIR)/.venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.twarga-installed
+IMAGES_DIR  := $(CURDIR)/vms/images
+APT_PACKAGES := \
+	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev \
+	qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64 dropbear-bin \
+	cpio genisoimage openssh-client sshpass procps curl
+PYTEST_ARGS ?=
+
+export TWARGA_IMAGES_DIR := $(IMAGES_DIR)
+
+.PHONY: help system-deps deps services image run test lint bench clean
+
+help:
+	@echo "make run   - install everything and serve Twarga Lab on http://127.0.0.1:8888"
+	@echo "make test  - install everything and run the whole test suite"
+	@echo "make bench - run the benchmarks (they print ratios)"
+
+# apt-get only when a package is missing: a warm machine skips the slow part.
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
+	fi
+	@command -v uv >/dev/null || python3 -m pip install --quiet uv
+
+$(STAMP): pyproject.toml uv.lock | system-deps
+	uv sync --frozen --all-extras
+	touch $@
+
+deps: system-deps $(STAMP)
+
+# No systemd here: start the daemons by hand when they are not running.
+services: system-deps
+	@pgrep -x virtlogd >/dev/null || virtlogd -d
+	@pgrep -x libvirtd >/dev/null || libvirtd -d
+	@for i in $$(seq 1 60); do virsh -c qemu:///system version >/dev/null 2>&1 && exit 0; sleep 0.5; done; \
+		echo "libvirtd did not answer on qemu:///system" >&2; exit 1
+
+image: deps
+	$(BIN)/twarga-lab image build --images-dir $(IMAGES_DIR)
+
+run: deps services image
+	$(BIN)/twarga-lab run --images-dir $(IMAGES_DIR)
+
+lint: deps
+	$(BIN)/ruff check twarga_lab tests bench
+	$(BIN)/ruff format --check twarga_lab tests bench
+
+test: deps services image lint
+	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS) tests
+
+bench: deps services image
+	$(BIN)/python bench/vm_lifecycle.py
+
+clean:
+	rm -rf $(VENV) vms/instances vms/*.db*

@@ -1,0 +1,37 @@
+"""Waiting helpers: poll with a deadline instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[Any]], *, timeout: float = 10.0, interval: float = 0.05
+) -> Any:
+    """Await ``probe()`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")
+
+
+async def wait_status(
+    api: Any, vm_id: int, status: str, *, user: str = "alice", timeout: float = 10.0
+) -> dict[str, Any]:
+    """Poll ``GET /vms/{id}`` until the VM has ``status``; returns the VM."""
+
+    async def probe() -> dict[str, Any] | None:
+        reply = await api("GET", f"vms/{vm_id}", user=user)
+        assert reply.status == 200, reply.json
+        if reply.json["status"] == "error" and status != "error":
+            raise AssertionError(f"VM {vm_id} failed: {reply.json['status_message']}")
+        return reply.json if reply.json["status"] == status else None
+
+    return await wait_for(probe, timeout=timeout)

@@ -1,0 +1,105 @@
+"""A real guest on qemu:///system through the API, checked with virsh (a client we did
+not write) and the guest's own serial console log."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tests.helpers import wait_for, wait_status
+from twarga_lab.db.models import Event
+
+pytestmark = pytest.mark.real
+BOOT_TIMEOUT = 90
+
+
+@pytest.fixture
+def twarga_config(real_image_dir: Path, real_vms_dir: Path) -> dict:
+    return {
+        "libvirt_uri": "qemu:///system",
+        "vms_dir": str(real_vms_dir),
+        "images_dir": str(real_image_dir),
+        "domain_type": "auto",
+        "domain_prefix": f"twt{uuid.uuid4().hex[:6]}-",
+        "stop_timeout": 30.0,
+        "ssh_port_min": 23000,
+        "ssh_port_max": 23999,
+    }
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def domstate(domain: str) -> str:
+    return virsh("domstate", domain).stdout.strip()
+
+
+async def console_says(path: Path, text: str, *, occurrences: int = 1) -> bool:
+    return path.exists() and path.read_text(errors="replace").count(text) >= occurrences
+
+
+@pytest.fixture
+def cleanup_domains(twarga):
+    yield
+    for name in twarga.services.backend.states(twarga.domain_prefix):
+        virsh("destroy", name)
+        virsh("undefine", name)
+
+
+async def test_real_guest_boots_stops_starts_and_is_destroyed(api, twarga, cleanup_domains):
+    reply = await api("POST", "vms", body={"name": "web-1", "ram": 512, "disk": 10})
+    assert reply.status == 201, reply.json
+    vm = reply.json
+    await wait_status(api, vm["id"], "running", timeout=BOOT_TIMEOUT)
+    assert domstate(vm["domain"]) == "running"
+    domain_xml = virsh("dumpxml", vm["domain"]).stdout
+    assert "<cmdline>console=ttyS0 quiet twarga.name=web-1</cmdline>" in domain_xml
+
+    folder = twarga.services.vms.instance_dir(vm["domain"])
+    log = folder / "console.log"
+    banner = "Twarga Lab VM web-1 is up"
+    await wait_for(lambda: console_says(log, banner), timeout=BOOT_TIMEOUT, interval=0.2)
+
+    reply = await api("POST", f"vms/{vm['id']}/action", body={"action": "stop"})
+    assert reply.status == 200
+    await wait_status(api, vm["id"], "stopped", timeout=60)
+    assert domstate(vm["domain"]) == "shut off"
+
+    await api("POST", f"vms/{vm['id']}/action", body={"action": "start"})
+    await wait_status(api, vm["id"], "running", timeout=BOOT_TIMEOUT)
+    assert domstate(vm["domain"]) == "running"
+    await wait_for(
+        lambda: console_says(log, banner, occurrences=2), timeout=BOOT_TIMEOUT, interval=0.2
+    )
+
+    assert (await api("DELETE", f"vms/{vm['id']}")).status == 204
+    assert virsh("dominfo", vm["domain"]).returncode != 0
+    assert not folder.exists()
+    assert not (folder / "disk.qcow2").exists()
+
+
+async def test_virsh_destroy_behind_our_back_is_noticed(api, twarga, cleanup_domains):
+    reply = await api("POST", "vms", body={"name": "victim"})
+    vm = reply.json
+    await wait_status(api, vm["id"], "running", timeout=BOOT_TIMEOUT)
+    assert virsh("destroy", vm["domain"]).returncode == 0
+    stopped = await wait_status(api, vm["id"], "stopped", timeout=5)
+    assert stopped["uptime"] == 0
+
+    async def outside_event():
+        with twarga.services.db.session() as session:
+            return session.scalar(
+                select(Event).where(Event.vm_id == vm["id"], Event.severity == "warning")
+            )
+
+    event = await wait_for(outside_event, timeout=5)
+    assert "outside Twarga" in event.message
+    assert "destroyed" in event.message
+    assert (await api("DELETE", f"vms/{vm['id']}")).status == 204

@@ -1,0 +1,220 @@
+"""SQLAlchemy 2 models. Every schema change comes with an alembic migration."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+    true,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Named constraints keep migrations portable between SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware. Module level so tests can patch the clock."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC, on every database alike."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class VMStatus(enum.StrEnum):
+    """Twarga's own view of a VM, independent of libvirt's state numbers."""
+
+    pending = "pending"  # accepted, disk and domain being prepared
+    starting = "starting"
+    running = "running"
+    paused = "paused"
+    stopping = "stopping"
+    stopped = "stopped"
+    error = "error"
+    destroying = "destroying"
+    destroyed = "destroyed"
+
+
+class User(Base):
+    """A person, keyed by their Jupyter/Hub user name."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    ssh_public_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Bumped by every operation that must see the user's VMs and credits alone: the UPDATE
+    # takes the row (PostgreSQL) or the database (SQLite) write lock first, so quota checks
+    # of parallel creates run one after another.
+    lock_version: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+    vms: Mapped[list[VM]] = relationship(back_populates="owner")
+    quota: Mapped[Quota | None] = relationship(back_populates="user", uselist=False)
+
+
+class Quota(Base):
+    """Per-user overrides of the default limits; a NULL column means the default."""
+
+    __tablename__ = "quotas"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    max_vms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_ram_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_cpu: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_disk_gb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    user: Mapped[User] = relationship(back_populates="quota")
+
+
+class CreditEntry(Base):
+    """One change of a user's credits. The ledger is the truth; balances derive from it.
+
+    Amounts are stored in thousandths of a credit so that per-minute metering stays exact.
+    """
+
+    __tablename__ = "credit_ledger"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    amount_milli: Mapped[int] = mapped_column(BigInteger)
+    balance_after_milli: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(255))
+    actor: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_credit_ledger_user_id_id", "user_id", "id"),)
+
+
+class VM(Base):
+    """A virtual machine owned by a user; its libvirt domain is ``domain_name``."""
+
+    __tablename__ = "vms"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(63))
+    domain_name: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    image: Mapped[str] = mapped_column(String(255))
+    os_type: Mapped[str] = mapped_column(String(64))
+    ram_mb: Mapped[int] = mapped_column(Integer)
+    cpu: Mapped[int] = mapped_column(Integer)
+    disk_gb: Mapped[int] = mapped_column(Integer)
+    status: Mapped[VMStatus] = mapped_column(
+        Enum(VMStatus, name="vm_status", native_enum=False, length=16), default=VMStatus.pending
+    )
+    status_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ssh_port: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ip_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    owner: Mapped[User] = relationship(back_populates="vms")
+
+    __table_args__ = (
+        # Names are unique per user among VMs that still exist; destroyed rows stay for history.
+        Index(
+            "uq_vms_owner_live_name",
+            "owner_id",
+            "name",
+            unique=True,
+            sqlite_where=text("status != 'destroyed'"),
+            postgresql_where=text("status != 'destroyed'"),
+        ),
+        Index(
+            "uq_vms_live_ssh_port",
+            "ssh_port",
+            unique=True,
+            sqlite_where=text("status != 'destroyed'"),
+            postgresql_where=text("status != 'destroyed'"),
+        ),
+        Index("ix_vms_owner_id_status", "owner_id", "status"),
+    )
+
+
+class Event(Base):
+    """A security/operations event (the SOC's timeline)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    type: Mapped[str] = mapped_column(String(16))  # vm, auth, system, security
+    severity: Mapped[str] = mapped_column(String(16))  # info, warning, critical
+    message: Mapped[str] = mapped_column(Text)
+    user_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    vm_id: Mapped[int | None] = mapped_column(
+        ForeignKey("vms.id", ondelete="SET NULL"), nullable=True
+    )
+    source: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    __table_args__ = (
+        Index("ix_events_user_name_id", "user_name", "id"),
+        Index("ix_events_vm_id_id", "vm_id", "id"),
+        Index("ix_events_created_at", "created_at"),
+    )
+
+
+class MetricSample(Base):
+    """One metric value of the host or a VM at one time."""
+
+    __tablename__ = "metrics"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    entity: Mapped[str] = mapped_column(String(8))  # host or vm
+    entity_id: Mapped[int] = mapped_column(Integer)  # 0 for the host
+    metric: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime)
+    value: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_metrics_entity_metric_ts", "entity", "entity_id", "metric", "ts"),)

@@ -1,0 +1,10 @@
+"""Tornado handlers, one module per resource. ``ROUTES`` is the one route table: the app
+registers it and a test walks it to check authentication and ownership."""
+
+from __future__ import annotations
+
+from twarga_lab.handlers import images, me, vms
+
+ROUTES = [*me.default_handlers, *vms.default_handlers, *images.default_handlers]
+
+__all__ = ["ROUTES"]

@@ -1,0 +1,133 @@
+"""The base of every Twarga API handler: identity, JSON bodies, errors as JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from tornado import web
+
+from twarga_lab.errors import (
+    InvalidRequest,
+    TwargaError,
+    Unauthorized,
+)
+from twarga_lab.services import Identity
+
+# JSON types by name, for exact 400 messages ("'ram' must be an integer").
+_TYPE_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    dict: "an object",
+    list: "an array",
+}
+
+
+def check_body(
+    body: Any, types: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Check a decoded JSON body against a key -> type map; InvalidRequest (400) if not."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", "bad_body")
+    unknown = sorted(set(body) - set(types))
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}", "unknown_field")
+    for key in required:
+        if key not in body:
+            raise InvalidRequest(f"{key!r} is required", "missing_field")
+    for key, value in body.items():
+        expected = types[key]
+        options = expected if isinstance(expected, tuple) else (expected,)
+        # bool is an int in Python, never in a JSON API.
+        ok = isinstance(value, options) and not (isinstance(value, bool) and bool not in options)
+        if int in options and isinstance(value, float) and float not in options:
+            ok = False
+        if not ok:
+            names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in options)
+            raise InvalidRequest(f"{key!r} must be {names}", "bad_type")
+    return body
+
+
+class TwargaAPIHandler(ExtensionHandlerMixin, APIHandler):
+    """Thin handlers: authenticate, parse, call one service method, write JSON."""
+
+    auth_resource = "twarga"
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.current_user is None:
+            # 401 says "log in"; jupyter_server's default 403 would say "not allowed".
+            raise Unauthorized("authentication required: send a token or log in")
+
+    @property
+    def services(self) -> Any:
+        """The services the extension built (``twarga_lab.app.Services``)."""
+        return self.settings["twarga_lab_services"]
+
+    @property
+    def identity(self) -> Identity:
+        """The Hub or Jupyter user behind this request, and whether they are an admin."""
+        return self.services.identify(self.current_user)
+
+    def read_json(
+        self, types: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """The request's JSON body, checked against ``types``."""
+        raw = self.request.body
+        if not raw:
+            body: Any = {}
+        else:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise InvalidRequest("the request body is not valid JSON", "bad_json") from None
+        return check_body(body, types, required)
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        """Finish with ``data`` as JSON."""
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data, default=str))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every error is JSON ``{"message", "reason"}``; domain errors pick the status."""
+        exc_info = kwargs.get("exc_info")
+        error = exc_info[1] if exc_info else None
+        if isinstance(error, TwargaError):
+            self.set_status(error.status_code)
+            body: dict[str, Any] = {"message": error.message, "reason": error.reason}
+            body.update({k: v for k, v in error.details.items() if v is not None})
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(body, default=str))
+            return
+        if isinstance(error, web.HTTPError):
+            message = error.log_message % error.args if error.log_message else None
+            self.set_header("Content-Type", "application/json")
+            self.finish(
+                json.dumps(
+                    {
+                        "message": message or self._reason,
+                        "reason": (error.reason or self._reason).lower().replace(" ", "_"),
+                    }
+                )
+            )
+            return
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": "internal server error", "reason": "internal_error"}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # A domain error is an answer, not a crash: no traceback in the log.
+        if isinstance(value, TwargaError):
+            self.log.info(
+                "%s %s: %s (%s)",
+                self.request.method,
+                self.request.path,
+                value.message,
+                value.reason,
+            )
+            return
+        super().log_exception(typ, value, tb)

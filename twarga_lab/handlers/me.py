@@ -1,0 +1,26 @@
+"""``/twarga/api/me``: who I am, my credits, quota and usage."""
+
+from __future__ import annotations
+
+from jupyter_server.auth.decorator import authorized
+from tornado import web
+
+from twarga_lab.handlers.base import TwargaAPIHandler
+
+
+class MeHandler(TwargaAPIHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.write_json(await self.services.run(self.services.users.me, self.identity))
+
+    @web.authenticated
+    @authorized
+    async def patch(self) -> None:
+        body = self.read_json({"ssh_public_key": (str, type(None))}, required=("ssh_public_key",))
+        key = self.services.validate_ssh_key(body["ssh_public_key"])
+        users = self.services.users
+        self.write_json(await self.services.run(users.set_ssh_key, self.identity, key))
+
+
+default_handlers = [(r"/twarga/api/me", MeHandler)]

@@ -1,0 +1,69 @@
+"""``/twarga/api/vms``: list, create, read, change, destroy and act on VMs."""
+
+from __future__ import annotations
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.utils import url_path_join
+from tornado import web
+
+from twarga_lab.handlers.base import TwargaAPIHandler
+
+CREATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "image": str,
+    "ram": int,
+    "cpu": int,
+    "disk": int,
+}
+PATCH_FIELDS: dict[str, type | tuple[type, ...]] = {"name": str, "ram": int, "cpu": int}
+
+
+class VMListHandler(TwargaAPIHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        all_users = self.get_argument("all", "0").lower() in ("1", "true", "yes")
+        self.write_json(await self.services.vms.list(self.identity, all_users=all_users))
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        body = self.read_json(CREATE_FIELDS, required=("name",))
+        vm = await self.services.vms.create(self.identity, body)
+        self.set_header("Location", url_path_join(self.base_url, "twarga/api/vms", str(vm["id"])))
+        self.write_json(vm, status=201)
+
+
+class VMHandler(TwargaAPIHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, vm_id: str) -> None:
+        self.write_json(await self.services.vms.get(self.identity, int(vm_id)))
+
+    @web.authenticated
+    @authorized
+    async def patch(self, vm_id: str) -> None:
+        body = self.read_json(PATCH_FIELDS)
+        self.write_json(await self.services.vms.update(self.identity, int(vm_id), body))
+
+    @web.authenticated
+    @authorized
+    async def delete(self, vm_id: str) -> None:
+        await self.services.vms.destroy(self.identity, int(vm_id))
+        self.set_status(204)
+        self.finish()
+
+
+class VMActionHandler(TwargaAPIHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, vm_id: str) -> None:
+        body = self.read_json({"action": str}, required=("action",))
+        self.write_json(await self.services.vms.action(self.identity, int(vm_id), body["action"]))
+
+
+default_handlers = [
+    (r"/twarga/api/vms", VMListHandler),
+    (r"/twarga/api/vms/(?P<vm_id>\d+)", VMHandler),
+    (r"/twarga/api/vms/(?P<vm_id>\d+)/action", VMActionHandler),
+]

@@ -1,0 +1,191 @@
+"""Users (by Jupyter/Hub name), their quotas and their credit balance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from twarga_lab.db import Database
+from twarga_lab.db.models import VM, CreditEntry, Quota, User, VMStatus, utcnow
+from twarga_lab.errors import NotFound
+from twarga_lab.services import Identity
+from twarga_lab.services.events import EventType, Severity, record_event
+
+MILLI = 1000
+# VMs in these states hold resources against the user's quota.
+LIVE_STATUSES = tuple(s for s in VMStatus if s is not VMStatus.destroyed)
+
+
+@dataclass(frozen=True)
+class QuotaDefaults:
+    """Limits for users without their own quota row."""
+
+    max_vms: int = 5
+    max_ram_mb: int = 8192
+    max_cpu: int | None = None
+    max_disk_gb: int | None = None
+
+
+@dataclass(frozen=True)
+class EffectiveQuota:
+    max_vms: int
+    max_ram_mb: int
+    max_cpu: int | None
+    max_disk_gb: int | None
+
+    def to_json(self) -> dict[str, int | None]:
+        return {
+            "max_vms": self.max_vms,
+            "max_ram_mb": self.max_ram_mb,
+            "max_cpu": self.max_cpu,
+            "max_disk_gb": self.max_disk_gb,
+        }
+
+
+@dataclass(frozen=True)
+class Usage:
+    vms: int
+    ram_mb: int
+    cpu: int
+    disk_gb: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"vms": self.vms, "ram_mb": self.ram_mb, "cpu": self.cpu, "disk_gb": self.disk_gb}
+
+
+def lock_user(session: Session, user_id: int) -> None:
+    """Serialise this transaction with every other one that locks the same user.
+
+    An UPDATE as the transaction's first write takes PostgreSQL's row lock, or SQLite's
+    database write lock, until commit; parallel quota checks and ledger writes queue here.
+    """
+    session.execute(
+        update(User).where(User.id == user_id).values(lock_version=User.lock_version + 1)
+    )
+
+
+def balance_milli(session: Session, user_id: int) -> int:
+    """The user's balance in thousandths of a credit: the last ledger row's balance."""
+    last = session.scalar(
+        select(CreditEntry.balance_after_milli)
+        .where(CreditEntry.user_id == user_id)
+        .order_by(CreditEntry.id.desc())
+        .limit(1)
+    )
+    return int(last or 0)
+
+
+def add_credit_entry(
+    session: Session, user_id: int, amount_milli: int, reason: str, actor: str
+) -> CreditEntry:
+    """Append a ledger row; the caller must hold :func:`lock_user` for this user."""
+    entry = CreditEntry(
+        user_id=user_id,
+        amount_milli=amount_milli,
+        balance_after_milli=balance_milli(session, user_id) + amount_milli,
+        reason=reason,
+        actor=actor,
+    )
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def usage(session: Session, user_id: int) -> Usage:
+    """What the user's live VMs hold."""
+    row = session.execute(
+        select(
+            func.count(VM.id),
+            func.coalesce(func.sum(VM.ram_mb), 0),
+            func.coalesce(func.sum(VM.cpu), 0),
+            func.coalesce(func.sum(VM.disk_gb), 0),
+        ).where(VM.owner_id == user_id, VM.status.in_(LIVE_STATUSES))
+    ).one()
+    return Usage(vms=row[0], ram_mb=int(row[1]), cpu=int(row[2]), disk_gb=int(row[3]))
+
+
+class UserService:
+    """Creates users on first sight (with their starting credits) and reports on them."""
+
+    def __init__(
+        self, db: Database, *, starting_credits: float, quota_defaults: QuotaDefaults
+    ) -> None:
+        self.db = db
+        self.starting_credits_milli = round(starting_credits * MILLI)
+        self.quota_defaults = quota_defaults
+        self._known: dict[str, int] = {}
+
+    def ensure(self, name: str) -> int:
+        """The id of user ``name``, created with their starting credits on first sight."""
+        known = self._known.get(name)
+        if known is not None:
+            return known
+        with self.db.session() as session:
+            user_id = session.scalar(select(User.id).where(User.name == name))
+        if user_id is None:
+            try:
+                with self.db.session() as session:
+                    user = User(name=name, last_seen=utcnow())
+                    session.add(user)
+                    session.flush()
+                    add_credit_entry(
+                        session, user.id, self.starting_credits_milli, "starting credits", "system"
+                    )
+                    record_event(
+                        session,
+                        EventType.system,
+                        Severity.info,
+                        f"new user {name} with {self.starting_credits_milli / MILLI:g} credits",
+                        user_name=name,
+                    )
+                    user_id = user.id
+            except IntegrityError:
+                # Another request created them at the same moment.
+                with self.db.session() as session:
+                    user_id = session.scalar(select(User.id).where(User.name == name))
+        assert user_id is not None
+        self._known[name] = user_id
+        return user_id
+
+    def effective_quota(self, session: Session, user_id: int) -> EffectiveQuota:
+        """The user's limits: their own quota row over the defaults."""
+        row = session.get(Quota, user_id)
+        d = self.quota_defaults
+
+        def pick(own: int | None, default: int | None) -> int | None:
+            return own if own is not None else default
+
+        return EffectiveQuota(
+            max_vms=pick(row.max_vms if row else None, d.max_vms) or 0,
+            max_ram_mb=pick(row.max_ram_mb if row else None, d.max_ram_mb) or 0,
+            max_cpu=pick(row.max_cpu if row else None, d.max_cpu),
+            max_disk_gb=pick(row.max_disk_gb if row else None, d.max_disk_gb),
+        )
+
+    def me(self, identity: Identity) -> dict[str, Any]:
+        """What ``GET /me`` shows: name, admin, credits, quota and usage."""
+        user_id = self.ensure(identity.name)
+        with self.db.session() as session:
+            user = session.get(User, user_id)
+            if user is None:
+                raise NotFound(f"user {identity.name} does not exist", "no_user")
+            return {
+                "name": user.name,
+                "admin": identity.admin,
+                "credits": balance_milli(session, user_id) / MILLI,
+                "quota": self.effective_quota(session, user_id).to_json(),
+                "usage": usage(session, user_id).to_json(),
+                "ssh_public_key": user.ssh_public_key,
+                "created_at": user.created_at.isoformat(),
+            }
+
+    def set_ssh_key(self, identity: Identity, key: str | None) -> dict[str, Any]:
+        """Store the user's SSH public key (installed into the VMs they create next)."""
+        user_id = self.ensure(identity.name)
+        with self.db.session() as session:
+            session.execute(update(User).where(User.id == user_id).values(ssh_public_key=key))
+        return self.me(identity)

@@ -1,0 +1,885 @@
+"""The VM service: validation, atomic quotas, lifecycle, background provisioning and
+reconciliation of the database with the hypervisor.
+
+Blocking work (database, libvirt, qemu-img) runs in worker threads; the event loop only
+coordinates. Lifecycle calls are idempotent and return at once; long work moves the VM's
+status (pending -> running, or error with a message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from twarga_lab.db import Database
+from twarga_lab.db.models import VM, User, VMStatus, utcnow
+from twarga_lab.errors import (
+    Conflict,
+    NotFound,
+    QuotaExceeded,
+    TwargaError,
+    ValidationFailed,
+)
+from twarga_lab.services import Identity
+from twarga_lab.services.events import EventType, Severity, record_event
+from twarga_lab.services.users import (
+    LIVE_STATUSES,
+    UserService,
+    balance_milli,
+    lock_user,
+    usage,
+)
+from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEvent
+from twarga_lab.virt.domain import DiskSpec, DomainSpec, UserNetSpec
+from twarga_lab.virt.images import Image, ImageStore, build_seed_iso, create_overlay
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+VM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+ACTIONS = ("start", "stop", "restart", "destroy", "force-stop")
+GUEST_IP = "10.0.2.15"  # QEMU user networking always leases this address to the guest
+
+# Statuses Twarga sets itself around its own calls: a libvirt event seen in one of them
+# is the expected outcome; seen in any other status, something acted behind our back.
+TRANSITIONAL = {
+    VMStatus.pending,
+    VMStatus.starting,
+    VMStatus.stopping,
+    VMStatus.destroying,
+}
+
+_STATE_TO_STATUS = {
+    DomainState.running: VMStatus.running,
+    DomainState.paused: VMStatus.paused,
+    DomainState.shutting_down: VMStatus.stopping,
+    DomainState.shutoff: VMStatus.stopped,
+    DomainState.crashed: VMStatus.error,
+}
+
+
+@dataclass(frozen=True)
+class VMBounds:
+    """Per-VM size limits."""
+
+    min_ram_mb: int = 512
+    max_ram_mb: int = 4096
+    min_cpu: int = 1
+    max_cpu: int = 4
+    min_disk_gb: int = 10
+    max_disk_gb: int = 100
+
+
+@dataclass(frozen=True)
+class VMServiceConfig:
+    """What the VM service needs from the application's settings."""
+
+    vms_dir: Path
+    domain_type: str = "qemu"
+    domain_prefix: str = "twarga-"
+    default_image: str = "twarga/tiny"
+    stop_timeout: float = 30.0
+    ssh_port_min: int = 22000
+    ssh_port_max: int = 22999
+    bounds: VMBounds = field(default_factory=VMBounds)
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.vms_dir / "instances"
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    name: str
+    image: str
+    ram: int
+    cpu: int
+    disk: int
+
+
+def uptime_seconds(vm: VM, now: datetime) -> int:
+    """Seconds since the VM last started, 0 when it is not running."""
+    if vm.status is not VMStatus.running or vm.started_at is None:
+        return 0
+    return max(0, int((now - vm.started_at).total_seconds()))
+
+
+def vm_to_json(vm: VM, owner: str, now: datetime | None = None) -> dict[str, Any]:
+    """The public view of a VM."""
+    now = now or utcnow()
+    return {
+        "id": vm.id,
+        "name": vm.name,
+        "owner": owner,
+        "status": vm.status.value,
+        "status_message": vm.status_message,
+        "image": vm.image,
+        "os_type": vm.os_type,
+        "ram": vm.ram_mb,
+        "cpu": vm.cpu,
+        "disk": vm.disk_gb,
+        "ip_address": vm.ip_address,
+        "ssh_host": "127.0.0.1" if vm.ssh_port else None,
+        "ssh_port": vm.ssh_port,
+        "domain": vm.domain_name,
+        "created_at": vm.created_at.isoformat(),
+        "started_at": vm.started_at.isoformat() if vm.started_at else None,
+        "uptime": uptime_seconds(vm, now),
+    }
+
+
+def validate_name(name: str) -> str:
+    """A VM name as DESIGN.md allows it, or ValidationFailed."""
+    if not VM_NAME_RE.match(name):
+        raise ValidationFailed(
+            "name must be 1-63 characters: a lowercase letter, then lowercase letters, "
+            "digits or hyphens",
+            field="name",
+            reason="invalid_name",
+        )
+    return name
+
+
+def _check_range(value: int, low: int, high: int, field_name: str, unit: str) -> int:
+    if not low <= value <= high:
+        raise ValidationFailed(
+            f"{field_name} must be between {low} and {high} {unit}, not {value}",
+            field=field_name,
+            reason="out_of_range",
+        )
+    return value
+
+
+class VMService:
+    """Everything users do to VMs."""
+
+    def __init__(
+        self,
+        db: Database,
+        backend: HypervisorBackend,
+        images: ImageStore,
+        users: UserService,
+        config: VMServiceConfig,
+    ) -> None:
+        self.db = db
+        self.backend = backend
+        self.images = images
+        self.users = users
+        self.config = config
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- plumbing -------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    def _lock(self, vm_id: int) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    def _spawn(self, coro: Any, what: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task %s failed", what, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    async def wait_idle(self, timeout: float = 60.0) -> None:
+        """Wait for background work to finish (used at shutdown and by tests)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    async def start_up(self) -> None:
+        """Listen to libvirt lifecycle events, then reconcile the database with libvirt."""
+        self._loop = asyncio.get_running_loop()
+        self.backend.add_lifecycle_listener(self._on_lifecycle_thread)
+        add_reconnect = getattr(self.backend, "add_reconnect_listener", None)
+        if add_reconnect is not None:
+            add_reconnect(self._on_reconnect_thread)
+        await self.reconcile(reason="service start")
+
+    async def shut_down(self) -> None:
+        """Cancel background work."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    def _get_owned(self, session: Session, identity: Identity, vm_id: int) -> VM:
+        vm = session.get(VM, vm_id)
+        if vm is None or vm.status is VMStatus.destroyed:
+            raise NotFound(f"VM {vm_id} does not exist", "no_vm")
+        if not identity.admin and vm.owner.name != identity.name:
+            # Someone else's VM is indistinguishable from no VM at all.
+            raise NotFound(f"VM {vm_id} does not exist", "no_vm")
+        return vm
+
+    def _view(self, vm_id: int) -> dict[str, Any]:
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            if vm is None:
+                raise NotFound(f"VM {vm_id} does not exist", "no_vm")
+            return vm_to_json(vm, vm.owner.name)
+
+    # -- queries ------------------------------------------------------------------
+
+    async def list(self, identity: Identity, all_users: bool = False) -> list[dict[str, Any]]:
+        """The caller's VMs, or everyone's for an admin asking for all."""
+
+        def query() -> list[dict[str, Any]]:
+            with self.db.session() as session:
+                stmt = (
+                    select(VM, User.name)
+                    .join(User, VM.owner_id == User.id)
+                    .where(VM.status != VMStatus.destroyed)
+                    .order_by(VM.id)
+                )
+                if not (all_users and identity.admin):
+                    stmt = stmt.where(User.name == identity.name)
+                now = utcnow()
+                return [vm_to_json(vm, owner, now) for vm, owner in session.execute(stmt)]
+
+        return await self._run(query)
+
+    async def get(self, identity: Identity, vm_id: int) -> dict[str, Any]:
+        """One VM the caller owns (or any, for an admin)."""
+
+        def query() -> dict[str, Any]:
+            with self.db.session() as session:
+                vm = self._get_owned(session, identity, vm_id)
+                return vm_to_json(vm, vm.owner.name)
+
+        return await self._run(query)
+
+    def list_images(self) -> list[dict[str, object]]:
+        """Bootable images."""
+        return [image.to_json() for image in self.images.list()]
+
+    # -- create -----------------------------------------------------------------------
+
+    def validate_create(self, body: dict[str, Any]) -> CreateRequest:
+        """Check values (types are the handler's job); raises ValidationFailed (422)."""
+        b = self.config.bounds
+        name = validate_name(body["name"])
+        image_name = body.get("image") or self.config.default_image
+        try:
+            image = self.images.get(image_name)
+        except NotFound:
+            raise ValidationFailed(
+                f"image {image_name!r} does not exist; GET /twarga/api/images lists them",
+                field="image",
+                reason="unknown_image",
+            ) from None
+        ram = _check_range(body.get("ram", b.min_ram_mb), b.min_ram_mb, b.max_ram_mb, "ram", "MB")
+        cpu = _check_range(body.get("cpu", b.min_cpu), b.min_cpu, b.max_cpu, "cpu", "vCPUs")
+        disk = _check_range(
+            body.get("disk", max(b.min_disk_gb, image.min_disk_gb)),
+            max(b.min_disk_gb, image.min_disk_gb),
+            b.max_disk_gb,
+            "disk",
+            "GB",
+        )
+        return CreateRequest(name=name, image=image.name, ram=ram, cpu=cpu, disk=disk)
+
+    async def create(self, identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
+        """Accept a VM (status pending) and provision it in the background."""
+        request = self.validate_create(body)
+        user_id = await self._run(self.users.ensure, identity.name)
+        image = self.images.get(request.image)
+        try:
+            vm_id = await self._run(self._insert_vm, identity, user_id, request, image)
+        except QuotaExceeded as refusal:
+            await self._run(self._record_refusal, identity, request, refusal)
+            raise
+        self._spawn(self._provision(vm_id), f"provision VM {vm_id}")
+        return await self._run(self._view, vm_id)
+
+    def _insert_vm(
+        self, identity: Identity, user_id: int, request: CreateRequest, image: Image
+    ) -> int:
+        with self.db.session() as session:
+            lock_user(session, user_id)  # quota checks of this user run one at a time
+            if balance_milli(session, user_id) <= 0:
+                raise QuotaExceeded("you have no credits left; ask an admin for more", "no_credits")
+            quota = self.users.effective_quota(session, user_id)
+            used = usage(session, user_id)
+            if used.vms + 1 > quota.max_vms:
+                raise QuotaExceeded(
+                    f"you may have at most {quota.max_vms} VMs and have {used.vms}",
+                    "quota_exceeded",
+                )
+            if used.ram_mb + request.ram > quota.max_ram_mb:
+                raise QuotaExceeded(
+                    f"{request.ram} MB more RAM would exceed your quota of "
+                    f"{quota.max_ram_mb} MB ({used.ram_mb} MB in use)",
+                    "quota_exceeded",
+                )
+            if quota.max_cpu is not None and used.cpu + request.cpu > quota.max_cpu:
+                raise QuotaExceeded(
+                    f"{request.cpu} more vCPUs would exceed your quota of {quota.max_cpu}",
+                    "quota_exceeded",
+                )
+            if quota.max_disk_gb is not None and used.disk_gb + request.disk > quota.max_disk_gb:
+                raise QuotaExceeded(
+                    f"{request.disk} GB more disk would exceed your quota of "
+                    f"{quota.max_disk_gb} GB",
+                    "quota_exceeded",
+                )
+            taken = session.scalar(
+                select(VM.id).where(
+                    VM.owner_id == user_id,
+                    VM.name == request.name,
+                    VM.status.in_(LIVE_STATUSES),
+                )
+            )
+            if taken is not None:
+                raise Conflict(f"you already have a VM named {request.name!r}", "name_taken")
+            vm = VM(
+                owner_id=user_id,
+                name=request.name,
+                image=request.image,
+                os_type=image.os_type,
+                ram_mb=request.ram,
+                cpu=request.cpu,
+                disk_gb=request.disk,
+                status=VMStatus.pending,
+                ssh_port=self._free_ssh_port(session),
+                ip_address=GUEST_IP,
+            )
+            session.add(vm)
+            session.flush()
+            vm.domain_name = f"{self.config.domain_prefix}{vm.id}-{vm.name}"
+            record_event(
+                session,
+                EventType.vm,
+                Severity.info,
+                f"VM {vm.name} created by {identity.name}",
+                user_name=vm_owner_name(session, vm),
+                vm_id=vm.id,
+                action="create",
+                actor=identity.name,
+                image=vm.image,
+                ram=vm.ram_mb,
+                cpu=vm.cpu,
+                disk=vm.disk_gb,
+            )
+            return vm.id
+
+    def _free_ssh_port(self, session: Session) -> int:
+        # Ports of live VMs are taken; the partial unique index backs this up.
+        used = set(
+            session.scalars(
+                select(VM.ssh_port).where(VM.status.in_(LIVE_STATUSES), VM.ssh_port.is_not(None))
+            )
+        )
+        for port in range(self.config.ssh_port_min, self.config.ssh_port_max + 1):
+            if port not in used:
+                return port
+        raise QuotaExceeded("no SSH port is free on this host", "no_ports")
+
+    def _record_refusal(
+        self, identity: Identity, request: CreateRequest, refusal: TwargaError
+    ) -> None:
+        with self.db.session() as session:
+            record_event(
+                session,
+                EventType.vm,
+                Severity.warning,
+                f"VM {request.name} refused for {identity.name}: {refusal.message}",
+                user_name=identity.name,
+                action="create",
+                reason=refusal.reason,
+            )
+
+    # -- provisioning -------------------------------------------------------------------
+
+    def instance_dir(self, domain_name: str) -> Path:
+        """Where a VM's disk, seed and console log live."""
+        return self.config.instances_dir / domain_name
+
+    def domain_spec(self, vm: VM, owner: str) -> DomainSpec:
+        """The libvirt domain for a VM row (rebuilt at every start, so edits apply)."""
+        assert vm.domain_name is not None
+        image = self.images.get(vm.image)
+        folder = self.instance_dir(vm.domain_name)
+        disks = [DiskSpec(path=folder / "disk.qcow2", target="vda")]
+        if image.cloud_init:
+            disks.append(
+                DiskSpec(
+                    path=folder / "seed.iso", target="hdc", format="raw", device="cdrom", bus="ide"
+                )
+            )
+        cmdline: tuple[tuple[str, str], ...] = ()
+        if image.kind == "kernel":
+            cmdline = (("console", "ttyS0"), ("quiet", ""), ("twarga.name", vm.name))
+        return DomainSpec(
+            name=vm.domain_name,
+            memory_mib=vm.ram_mb,
+            vcpus=vm.cpu,
+            domain_type=self.config.domain_type,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=cmdline,
+            disks=tuple(disks),
+            console_log=folder / "console.log",
+            network=UserNetSpec(ssh_host_port=vm.ssh_port),
+            owner=owner,
+            vm_id=vm.id,
+        )
+
+    def _prepare_disks(self, vm_id: int) -> DomainSpec:
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            assert vm is not None and vm.domain_name is not None
+            owner = vm.owner
+            spec = self.domain_spec(vm, owner.name)
+            image = self.images.get(vm.image)
+            folder = self.instance_dir(vm.domain_name)
+            disk = folder / "disk.qcow2"
+            if not disk.exists():
+                create_overlay(image.base_disk, disk, vm.disk_gb)
+            if image.cloud_init and not (folder / "seed.iso").exists():
+                build_seed_iso(
+                    folder / "seed.iso",
+                    instance_id=vm.domain_name,
+                    hostname=vm.name,
+                    ssh_keys=[owner.ssh_public_key] if owner.ssh_public_key else [],
+                )
+            return spec
+
+    async def _provision(self, vm_id: int) -> None:
+        async with self._lock(vm_id):
+            status = await self._run(self._status, vm_id)
+            if status is not VMStatus.pending:
+                return  # destroyed (or handled) while queued
+            try:
+                spec = await self._run(self._prepare_disks, vm_id)
+                await self._run(self.backend.define, spec)
+                await self._run(self.backend.start, spec.name)
+            except Exception as e:
+                message = e.message if isinstance(e, TwargaError) else f"{type(e).__name__}: {e}"
+                log.warning("provisioning VM %s failed: %s", vm_id, message)
+                await self._run(self._set_status, vm_id, VMStatus.error, message, "provision")
+                return
+            state = await self._run(self.backend.state, spec.name)
+            await self._run(
+                self._set_status, vm_id, _STATE_TO_STATUS.get(state, VMStatus.error), None, "boot"
+            )
+
+    def _status(self, vm_id: int) -> VMStatus | None:
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            return vm.status if vm is not None else None
+
+    def _set_status(
+        self,
+        vm_id: int,
+        status: VMStatus,
+        message: str | None,
+        action: str,
+        actor: str | None = None,
+        severity: Severity | None = None,
+        note: str | None = None,
+    ) -> None:
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            if vm is None or vm.status is VMStatus.destroyed:
+                return
+            previous = vm.status
+            if status is VMStatus.running and previous is not VMStatus.running:
+                vm.started_at = utcnow()
+            vm.status = status
+            vm.status_message = message
+            if previous is status and note is None:
+                return
+            text = note or f"VM {vm.name} is {status.value}" + (f": {message}" if message else "")
+            if severity is None:
+                severity = Severity.warning if status is VMStatus.error else Severity.info
+            record_event(
+                session,
+                EventType.vm,
+                severity,
+                text,
+                user_name=vm.owner.name,
+                vm_id=vm.id,
+                action=action,
+                actor=actor,
+                previous=previous.value,
+                status=status.value,
+            )
+
+    # -- actions --------------------------------------------------------------------
+
+    async def action(self, identity: Identity, vm_id: int, action: str) -> dict[str, Any]:
+        """Run a lifecycle action; returns the VM as it is now (long work continues)."""
+        if action not in ACTIONS:
+            raise ValidationFailed(
+                f"action must be one of {', '.join(ACTIONS)}",
+                field="action",
+                reason="unknown_action",
+            )
+        vm = await self.get(identity, vm_id)
+        if action == "destroy":
+            await self.destroy(identity, vm_id)
+            return await self._run(self._view, vm_id)
+        async with self._lock(vm_id):
+            vm = await self.get(identity, vm_id)
+            status = VMStatus(vm["status"])
+            domain = vm["domain"]
+            if status is VMStatus.pending:
+                if action in ("stop", "force-stop"):
+                    raise Conflict(f"VM {vm['name']} is still being created", "vm_pending")
+                return vm  # it starts by itself once created
+            if action == "start":
+                await self._start(identity, vm_id, status, domain)
+            elif action == "stop":
+                await self._stop(identity, vm_id, status, domain)
+            elif action == "force-stop":
+                await self._force_stop(identity, vm_id, status, domain)
+            elif action == "restart":
+                await self._restart(identity, vm_id, status, domain)
+        return await self._run(self._view, vm_id)
+
+    async def _define_and_start(self, vm_id: int) -> str:
+        def work() -> str:
+            with self.db.session() as session:
+                vm = session.get(VM, vm_id)
+                assert vm is not None
+                spec = self.domain_spec(vm, vm.owner.name)
+            if self.backend.state(spec.name) is not DomainState.running:
+                self.backend.define(spec)  # picks up RAM/CPU edits made while stopped
+            self.backend.start(spec.name)
+            return spec.name
+
+        return await self._run(work)
+
+    async def _start(self, identity: Identity, vm_id: int, status: VMStatus, domain: str) -> None:
+        if status is VMStatus.running:
+            return
+        await self._run(
+            self._set_status,
+            vm_id,
+            VMStatus.starting,
+            None,
+            "start",
+            identity.name,
+            None,
+            f"VM start requested by {identity.name}",
+        )
+        try:
+            if status is VMStatus.error:
+                await self._run(self._prepare_disks, vm_id)  # a failed create may lack disks
+            await self._define_and_start(vm_id)
+        except TwargaError as e:
+            await self._run(self._set_status, vm_id, VMStatus.error, e.message, "start")
+            raise
+        state = await self._run(self.backend.state, domain)
+        await self._run(
+            self._set_status, vm_id, _STATE_TO_STATUS.get(state, VMStatus.error), None, "start"
+        )
+
+    async def _stop(self, identity: Identity, vm_id: int, status: VMStatus, domain: str) -> None:
+        if status in (VMStatus.stopped, VMStatus.stopping, VMStatus.error):
+            return
+        await self._run(
+            self._set_status,
+            vm_id,
+            VMStatus.stopping,
+            None,
+            "stop",
+            identity.name,
+            None,
+            f"VM stop requested by {identity.name}",
+        )
+        await self._run(self.backend.shutdown, domain)
+        self._spawn(self._finish_stop(vm_id, domain), f"stop VM {vm_id}")
+
+    async def _finish_stop(self, vm_id: int, domain: str, then_start: bool = False) -> None:
+        """Wait for the guest to power off; pull the plug after ``stop_timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.stop_timeout
+        state = await self._run(self.backend.state, domain)
+        while state not in (DomainState.shutoff, DomainState.missing):
+            if loop.time() >= deadline:
+                log.info("VM %s ignored the power button; forcing it off", vm_id)
+                await self._run(self.backend.destroy, domain)
+                await self._run(
+                    self._set_status,
+                    vm_id,
+                    VMStatus.stopping,
+                    None,
+                    "stop",
+                    None,
+                    Severity.warning,
+                    f"VM did not power off within {self.config.stop_timeout:g} s; forced off",
+                )
+                break
+            await asyncio.sleep(0.25)
+            state = await self._run(self.backend.state, domain)
+        if await self._run(self._status, vm_id) is VMStatus.stopping:
+            await self._run(self._set_status, vm_id, VMStatus.stopped, None, "stop")
+        if then_start:
+            async with self._lock(vm_id):
+                if await self._run(self._status, vm_id) is VMStatus.stopped:
+                    await self._define_and_start(vm_id)
+                    await self._run(self._set_status, vm_id, VMStatus.running, None, "restart")
+
+    async def _force_stop(
+        self, identity: Identity, vm_id: int, status: VMStatus, domain: str
+    ) -> None:
+        if status is VMStatus.stopped:
+            return
+        await self._run(
+            self._set_status,
+            vm_id,
+            VMStatus.stopping,
+            None,
+            "force-stop",
+            identity.name,
+            None,
+            f"VM forced off by {identity.name}",
+        )
+        await self._run(self.backend.destroy, domain)
+        await self._run(self._set_status, vm_id, VMStatus.stopped, None, "force-stop")
+
+    async def _restart(self, identity: Identity, vm_id: int, status: VMStatus, domain: str) -> None:
+        if status in (VMStatus.stopped, VMStatus.error):
+            await self._start(identity, vm_id, status, domain)
+            return
+        await self._run(
+            self._set_status,
+            vm_id,
+            VMStatus.stopping,
+            None,
+            "restart",
+            identity.name,
+            None,
+            f"VM restart requested by {identity.name}",
+        )
+        await self._run(self.backend.shutdown, domain)
+        self._spawn(self._finish_stop(vm_id, domain, then_start=True), f"restart VM {vm_id}")
+
+    # -- update -------------------------------------------------------------------------
+
+    async def update(
+        self, identity: Identity, vm_id: int, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Rename a VM, or resize RAM/CPU while it is stopped (applied at next start)."""
+        b = self.config.bounds
+        if "name" in changes:
+            validate_name(changes["name"])
+        if "ram" in changes:
+            _check_range(changes["ram"], b.min_ram_mb, b.max_ram_mb, "ram", "MB")
+        if "cpu" in changes:
+            _check_range(changes["cpu"], b.min_cpu, b.max_cpu, "cpu", "vCPUs")
+
+        def work() -> None:
+            with self.db.session() as session:
+                vm = self._get_owned(session, identity, vm_id)
+                lock_user(session, vm.owner_id)
+                if ("ram" in changes or "cpu" in changes) and vm.status is not VMStatus.stopped:
+                    raise Conflict("stop the VM before changing its RAM or CPUs", "vm_not_stopped")
+                if "ram" in changes:
+                    quota = self.users.effective_quota(session, vm.owner_id)
+                    used = usage(session, vm.owner_id)
+                    if used.ram_mb - vm.ram_mb + changes["ram"] > quota.max_ram_mb:
+                        raise QuotaExceeded(
+                            f"{changes['ram']} MB would exceed the RAM quota of "
+                            f"{quota.max_ram_mb} MB",
+                            "quota_exceeded",
+                        )
+                if "name" in changes and changes["name"] != vm.name:
+                    taken = session.scalar(
+                        select(VM.id).where(
+                            VM.owner_id == vm.owner_id,
+                            VM.name == changes["name"],
+                            VM.status.in_(LIVE_STATUSES),
+                        )
+                    )
+                    if taken is not None:
+                        raise Conflict(
+                            f"you already have a VM named {changes['name']!r}", "name_taken"
+                        )
+                    vm.name = changes["name"]
+                vm.ram_mb = changes.get("ram", vm.ram_mb)
+                vm.cpu = changes.get("cpu", vm.cpu)
+                record_event(
+                    session,
+                    EventType.vm,
+                    Severity.info,
+                    f"VM {vm.name} changed by {identity.name}",
+                    user_name=vm.owner.name,
+                    vm_id=vm.id,
+                    action="update",
+                    actor=identity.name,
+                    changes=changes,
+                )
+
+        async with self._lock(vm_id):
+            await self._run(work)
+        return await self._run(self._view, vm_id)
+
+    # -- destroy ------------------------------------------------------------------------
+
+    async def destroy(self, identity: Identity, vm_id: int) -> None:
+        """Remove the domain, its disks and its seed; the row stays as history."""
+        await self.get(identity, vm_id)  # ownership, before waiting on anything
+
+        def mark() -> str:
+            with self.db.session() as session:
+                vm = self._get_owned(session, identity, vm_id)
+                vm.status = VMStatus.destroying
+                assert vm.domain_name is not None
+                return vm.domain_name
+
+        def finish() -> None:
+            with self.db.session() as session:
+                vm = session.get(VM, vm_id)
+                assert vm is not None
+                vm.status = VMStatus.destroyed
+                vm.destroyed_at = utcnow()
+                vm.status_message = None
+                record_event(
+                    session,
+                    EventType.vm,
+                    Severity.info,
+                    f"VM {vm.name} destroyed by {identity.name}",
+                    user_name=vm.owner.name,
+                    vm_id=vm.id,
+                    action="destroy",
+                    actor=identity.name,
+                )
+
+        async with self._lock(vm_id):
+            domain = await self._run(mark)
+            await self._run(self._destroy_domain, domain)
+            await self._run(shutil.rmtree, self.instance_dir(domain), True)
+            await self._run(finish)
+        self._locks.pop(vm_id, None)
+
+    def _destroy_domain(self, domain: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.backend.destroy(domain)
+        self.backend.undefine(domain)
+
+    # -- reconciliation -----------------------------------------------------------------
+
+    async def reconcile(self, reason: str) -> int:
+        """Make the database agree with libvirt; returns how many VMs changed."""
+        states = await self._run(self.backend.states, self.config.domain_prefix)
+
+        def work() -> tuple[int, list[int]]:
+            changed = 0
+            to_provision = []
+            with self.db.session() as session:
+                vms = session.scalars(select(VM).where(VM.status != VMStatus.destroyed)).all()
+                for vm in vms:
+                    if vm.status is VMStatus.pending:
+                        to_provision.append(vm.id)  # interrupted while being created
+                        continue
+                    state = states.get(vm.domain_name or "", DomainState.missing)
+                    if self._apply_state(session, vm, state, f"found at {reason}"):
+                        changed += 1
+            return changed, to_provision
+
+        changed, to_provision = await self._run(work)
+        for vm_id in to_provision:
+            self._spawn(self._provision(vm_id), f"provision VM {vm_id}")
+        return changed
+
+    def _apply_state(self, session: Session, vm: VM, state: DomainState, how: str) -> bool:
+        """Move ``vm`` to what libvirt says; an unexpected change becomes an event."""
+        if vm.status is VMStatus.destroying:
+            return False
+        if state is DomainState.missing:
+            new, message = VMStatus.error, "its libvirt domain has disappeared"
+        else:
+            new = _STATE_TO_STATUS.get(state)
+            if new is None:
+                return False
+            message = "the guest crashed" if state is DomainState.crashed else None
+        if new is vm.status:
+            return False
+        expected = vm.status in TRANSITIONAL
+        previous = vm.status
+        if new is VMStatus.running:
+            vm.started_at = utcnow()
+        vm.status = new
+        vm.status_message = message
+        if expected:
+            text = f"VM {vm.name} is {new.value}"
+            severity = Severity.info
+        else:
+            text = f"VM {vm.name} went from {previous.value} to {new.value} outside Twarga ({how})"
+            severity = Severity.warning
+        record_event(
+            session,
+            EventType.vm,
+            severity,
+            text,
+            user_name=vm.owner.name,
+            vm_id=vm.id,
+            action="reconcile",
+            previous=previous.value,
+            status=new.value,
+            outside_twarga=not expected,
+            detail=how,
+        )
+        return True
+
+    def _on_lifecycle_thread(self, event: LifecycleEvent) -> None:
+        # Called on libvirt's event thread: hop onto the service's loop.
+        if self._loop is None or not event.domain.startswith(self.config.domain_prefix):
+            return
+        self._loop.call_soon_threadsafe(
+            lambda: self._spawn(self._on_lifecycle(event), f"lifecycle {event}")
+        )
+
+    def _on_reconnect_thread(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                lambda: self._spawn(self.reconcile("libvirt reconnect"), "reconcile")
+            )
+
+    async def _on_lifecycle(self, event: LifecycleEvent) -> None:
+        def work() -> None:
+            # Events can arrive late and out of order: apply the domain's state now, and use
+            # the event only for its reason.
+            state = self.backend.state(event.domain)
+            with self.db.session() as session:
+                vm = session.scalar(
+                    select(VM).where(
+                        VM.domain_name == event.domain, VM.status != VMStatus.destroyed
+                    )
+                )
+                if vm is None or vm.status is VMStatus.pending:
+                    return
+                if vm.status is VMStatus.stopping and state is DomainState.running:
+                    return  # still shutting down, or restarting
+                self._apply_state(session, vm, state, f"libvirt: {event.detail}")
+
+        await self._run(work)
+
+
+def vm_owner_name(session: Session, vm: VM) -> str:
+    """The name of a VM's owner (loads the relationship if needed)."""
+    owner = session.get(User, vm.owner_id)
+    assert owner is not None
+    return owner.name

@@ -1,0 +1,2 @@
+"""The hypervisor layer: no tornado, no database. Services drive it through
+:class:`~twarga_lab.virt.backend.HypervisorBackend`."""

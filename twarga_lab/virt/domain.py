@@ -1,0 +1,200 @@
+"""Domain XML built from objects.
+
+Every value reaches the XML through ElementTree (which escapes it) after being checked
+against what libvirt and QEMU accept, so a VM name like ``a</name><devices>`` can neither
+break the document nor smuggle options onto QEMU's command line.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+TWARGA_NS = "https://twarga-lab.dev/xmlns/domain/1.0"
+
+DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Kernel command-line words: key=value with no spaces or quotes.
+CMDLINE_KEY_RE = re.compile(r"^[a-z][a-z0-9_.]*$")
+CMDLINE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:/@+-]*$")
+DISK_TARGET_RE = re.compile(r"^(vd|sd|hd)[a-z]$")
+DOMAIN_TYPES = ("qemu", "kvm", "test")
+
+ET.register_namespace("qemu", QEMU_NS)
+ET.register_namespace("twarga", TWARGA_NS)
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk or CD-ROM attached to the guest."""
+
+    path: Path
+    target: str = "vda"
+    format: str = "qcow2"
+    device: str = "disk"  # disk or cdrom
+    bus: str = "virtio"
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if not DISK_TARGET_RE.match(self.target):
+            raise ValueError(f"bad disk target {self.target!r}")
+        if self.device not in ("disk", "cdrom"):
+            raise ValueError(f"bad disk device {self.device!r}")
+        if self.format not in ("qcow2", "raw"):
+            raise ValueError(f"bad disk format {self.format!r}")
+        if self.bus not in ("virtio", "sata", "scsi", "ide"):
+            raise ValueError(f"bad disk bus {self.bus!r}")
+
+
+@dataclass(frozen=True)
+class UserNetSpec:
+    """QEMU user-mode networking (slirp) with the guest's SSH forwarded to loopback.
+
+    ``restrict`` keeps the guest from reaching anything but the explicit forwards.
+    """
+
+    ssh_host_port: int | None = None
+    restrict: bool = True
+    pci_slot: int = 9  # slot 2 is libvirt's balloon; 9 is free on the pc machine
+
+    def __post_init__(self) -> None:
+        if self.ssh_host_port is not None and not 1024 <= self.ssh_host_port <= 65535:
+            raise ValueError(f"bad SSH forward port {self.ssh_host_port!r}")
+        if not 3 <= self.pci_slot <= 31:
+            raise ValueError(f"bad PCI slot {self.pci_slot!r}")
+
+    def qemu_args(self) -> list[str]:
+        """The QEMU arguments for this NIC, each a separate argv word."""
+        netdev = ["user", "id=twarganet0", f"restrict={'on' if self.restrict else 'off'}"]
+        if self.ssh_host_port is not None:
+            netdev.append(f"hostfwd=tcp:127.0.0.1:{self.ssh_host_port}-:22")
+        device = f"virtio-net-pci,netdev=twarganet0,bus=pci.0,addr={self.pci_slot:#x}"
+        return ["-netdev", ",".join(netdev), "-device", device]
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """Everything libvirt needs to define one guest."""
+
+    name: str
+    memory_mib: int
+    vcpus: int
+    domain_type: str = "qemu"
+    uuid: str | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: tuple[tuple[str, str], ...] = ()
+    disks: tuple[DiskSpec, ...] = ()
+    console_log: Path | None = None
+    network: UserNetSpec | None = None
+    owner: str | None = None
+    vm_id: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not DOMAIN_NAME_RE.match(self.name):
+            raise ValueError(f"bad domain name {self.name!r}")
+        if self.domain_type not in DOMAIN_TYPES:
+            raise ValueError(f"bad domain type {self.domain_type!r}")
+        if not 64 <= self.memory_mib <= 1024 * 1024:
+            raise ValueError(f"bad memory size {self.memory_mib!r}")
+        if not 1 <= self.vcpus <= 256:
+            raise ValueError(f"bad vCPU count {self.vcpus!r}")
+        if self.initrd is not None and self.kernel is None:
+            raise ValueError("an initrd needs a kernel")
+        for key, value in self.cmdline:
+            if not CMDLINE_KEY_RE.match(key) or not CMDLINE_VALUE_RE.match(value):
+                raise ValueError(f"bad kernel argument {key!r}={value!r}")
+        targets = [d.target for d in self.disks]
+        if len(set(targets)) != len(targets):
+            raise ValueError("two disks share a target")
+
+    def kernel_cmdline(self) -> str:
+        """The kernel command line, ``key=value`` words joined by spaces."""
+        return " ".join(f"{k}={v}" if v else k for k, v in self.cmdline)
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def build_domain_element(spec: DomainSpec) -> ET.Element:
+    """The ``<domain>`` element for ``spec``."""
+    domain = ET.Element("domain", {"type": spec.domain_type})
+    _sub(domain, "name", spec.name)
+    if spec.uuid:
+        _sub(domain, "uuid", spec.uuid)
+    if spec.owner is not None or spec.vm_id is not None or spec.metadata:
+        metadata = _sub(domain, "metadata")
+        attrs = dict(spec.metadata)
+        if spec.owner is not None:
+            attrs["owner"] = spec.owner
+        if spec.vm_id is not None:
+            attrs["id"] = str(spec.vm_id)
+        _sub(metadata, f"{{{TWARGA_NS}}}vm", **dict(sorted(attrs.items())))
+    _sub(domain, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(domain, "currentMemory", str(spec.memory_mib), unit="MiB")
+    _sub(domain, "vcpu", str(spec.vcpus), placement="static")
+
+    os_el = _sub(domain, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+    if spec.kernel is not None:
+        _sub(os_el, "kernel", str(spec.kernel))
+        if spec.initrd is not None:
+            _sub(os_el, "initrd", str(spec.initrd))
+        if spec.cmdline:
+            _sub(os_el, "cmdline", spec.kernel_cmdline())
+    else:
+        _sub(os_el, "boot", dev="hd")
+
+    features = _sub(domain, "features")
+    _sub(features, "acpi")  # graceful shutdown is an ACPI power-button press
+    _sub(features, "apic")
+    _sub(domain, "clock", offset="utc")
+    _sub(domain, "on_poweroff", "destroy")
+    _sub(domain, "on_reboot", "restart")
+    _sub(domain, "on_crash", "destroy")
+
+    devices = _sub(domain, "devices")
+    for disk in spec.disks:
+        disk_el = _sub(devices, "disk", type="file", device=disk.device)
+        _sub(disk_el, "driver", name="qemu", type=disk.format)
+        _sub(disk_el, "source", file=str(disk.path))
+        _sub(disk_el, "target", dev=disk.target, bus=disk.bus)
+        if disk.readonly or disk.device == "cdrom":
+            _sub(disk_el, "readonly")
+
+    serial = _sub(devices, "serial", type="pty")
+    if spec.console_log is not None:
+        _sub(serial, "log", file=str(spec.console_log), append="on")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    _sub(devices, "memballoon", model="virtio")
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+
+    if spec.network is not None:
+        commandline = _sub(domain, f"{{{QEMU_NS}}}commandline")
+        for arg in spec.network.qemu_args():
+            _sub(commandline, f"{{{QEMU_NS}}}arg", value=arg)
+    return domain
+
+
+def build_domain_xml(spec: DomainSpec) -> str:
+    """The domain XML for ``spec`` as a string (indented, stable for golden files)."""
+    element = build_domain_element(spec)
+    ET.indent(element)
+    return ET.tostring(element, encoding="unicode") + "\n"
+
+
+def read_twarga_metadata(xml: str) -> dict[str, str]:
+    """Twarga's metadata attributes (owner, id) from a domain's XML, or {}."""
+    root = ET.fromstring(xml)
+    element = root.find(f"metadata/{{{TWARGA_NS}}}vm")
+    return dict(element.attrib) if element is not None else {}

@@ -1,0 +1,259 @@
+"""Bootable images, per-VM qcow2 overlays and cloud-init NoCloud seeds.
+
+An image lives in ``<vms_dir>/images/<name>/`` with an ``image.json`` describing it:
+
+* ``kernel`` images (the default ``twarga/tiny``) boot a kernel and initramfs directly and
+  get a blank qcow2 base for their data disk;
+* ``disk`` images (cloud images) boot their own qcow2 and get a cloud-init seed.
+
+Every VM's disk is a qcow2 overlay on its image's base, sized to what the user asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from twarga_lab.errors import BackendError, InvalidRequest, NotFound
+
+IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}(/[a-z0-9][a-z0-9._-]{0,62})?$")
+TINY_IMAGE = "twarga/tiny"
+METADATA_FILE = "image.json"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A bootable image as users see it and as the VM service needs it."""
+
+    name: str
+    kind: str  # "kernel" or "disk"
+    os_type: str
+    description: str
+    base_disk: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
+    kernel_version: str | None = None
+    cloud_init: bool = False
+    min_disk_gb: int = 1
+
+    def to_json(self) -> dict[str, object]:
+        """The public view of the image (no host paths)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "os_type": self.os_type,
+            "description": self.description,
+            "cloud_init": self.cloud_init,
+            "min_disk_gb": self.min_disk_gb,
+            "kernel_version": self.kernel_version,
+        }
+
+
+def qemu_img(*args: str) -> str:
+    """Run ``qemu-img`` and return its output; failures become BackendError."""
+    try:
+        done = subprocess.run(
+            ["qemu-img", *args], check=True, capture_output=True, text=True, timeout=120
+        )
+    except FileNotFoundError as e:
+        raise BackendError("qemu-img is missing: install Debian's qemu-utils") from e
+    except subprocess.CalledProcessError as e:
+        raise BackendError(f"qemu-img {args[0]} failed: {e.stderr.strip()}") from e
+    return done.stdout
+
+
+def create_overlay(base: Path, dest: Path, size_gb: int) -> None:
+    """A qcow2 overlay ``dest`` backed by ``base`` with a virtual size of ``size_gb``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(dest), f"{size_gb}G"
+    )
+
+
+def virtual_size_bytes(path: Path) -> int:
+    """The guest-visible size of a disk image."""
+    return int(json.loads(qemu_img("info", "--output=json", "-U", str(path)))["virtual-size"])
+
+
+def build_seed_iso(
+    dest: Path, *, instance_id: str, hostname: str, ssh_keys: list[str], user: str = "twarga"
+) -> Path:
+    """A cloud-init NoCloud seed (ISO 9660 labelled ``cidata``) with the user's SSH keys."""
+    user_data = {
+        "hostname": hostname,
+        "users": [
+            {
+                "name": user,
+                "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                "shell": "/bin/bash",
+                "ssh_authorized_keys": ssh_keys,
+            }
+        ],
+        "ssh_pwauth": False,
+    }
+    meta_data = {"instance-id": instance_id, "local-hostname": hostname}
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp)
+        # JSON is valid YAML; building it from objects keeps keys from injecting directives.
+        (staging / "user-data").write_text("#cloud-config\n" + json.dumps(user_data, indent=1))
+        (staging / "meta-data").write_text(json.dumps(meta_data))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tool = shutil.which("genisoimage") or shutil.which("mkisofs")
+        if tool is None:
+            raise BackendError("genisoimage is missing: install Debian's genisoimage")
+        subprocess.run(
+            [
+                tool,
+                "-quiet",
+                "-output",
+                str(dest),
+                "-volid",
+                "cidata",
+                "-joliet",
+                "-rock",
+                str(staging / "user-data"),
+                str(staging / "meta-data"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    return dest
+
+
+class ImageStore:
+    """The images under ``root`` (``<vms_dir>/images``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _dir(self, name: str) -> Path:
+        if not IMAGE_NAME_RE.match(name):
+            raise InvalidRequest(f"{name!r} is not a valid image name", "bad_image_name")
+        return self.root / name
+
+    def list(self) -> list[Image]:
+        """Every image whose files are all present, sorted by name."""
+        images = []
+        for meta in sorted(self.root.glob(f"**/{METADATA_FILE}")):
+            image = self._load(meta)
+            if image is not None:
+                images.append(image)
+        return images
+
+    def get(self, name: str) -> Image:
+        """The bootable image ``name``; NotFound if it is absent or incomplete."""
+        if not IMAGE_NAME_RE.match(name):
+            raise NotFound(f"image {name!r} does not exist", "no_image")
+        image = self._load(self.root / name / METADATA_FILE)
+        if image is None:
+            raise NotFound(f"image {name!r} does not exist", "no_image")
+        return image
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is a bootable image."""
+        try:
+            self.get(name)
+        except NotFound:
+            return False
+        return True
+
+    def _load(self, meta: Path) -> Image | None:
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return None
+        folder = meta.parent
+
+        def path(key: str) -> Path | None:
+            return folder / data[key] if data.get(key) else None
+
+        image = Image(
+            name=data["name"],
+            kind=data["kind"],
+            os_type=data.get("os_type", "linux"),
+            description=data.get("description", ""),
+            base_disk=folder / data["base_disk"],
+            kernel=path("kernel"),
+            initrd=path("initrd"),
+            kernel_version=data.get("kernel_version"),
+            cloud_init=bool(data.get("cloud_init", False)),
+            min_disk_gb=int(data.get("min_disk_gb", 1)),
+        )
+        files = [image.base_disk, image.kernel, image.initrd]
+        if not all(f.is_file() for f in files if f is not None):
+            return None
+        return image
+
+    def _write_metadata(self, folder: Path, image: Image) -> None:
+        data = asdict(image)
+        for key in ("base_disk", "kernel", "initrd"):
+            if data[key] is not None:
+                data[key] = Path(data[key]).name
+        tmp = folder / (METADATA_FILE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        # Written last and renamed: a half-made image never has an image.json.
+        os.replace(tmp, folder / METADATA_FILE)
+
+    def build_tiny(self, *, force: bool = False) -> Image:
+        """Build ``twarga/tiny`` from Debian's cloud kernel and busybox (a few seconds)."""
+        from twarga_lab.virt.tinyimage import build_tiny_image
+
+        if not force and self.exists(TINY_IMAGE):
+            return self.get(TINY_IMAGE)
+        folder = self._dir(TINY_IMAGE)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / METADATA_FILE).unlink(missing_ok=True)
+        files = build_tiny_image(folder)
+        base = folder / "base.qcow2"
+        base.unlink(missing_ok=True)
+        qemu_img("create", "-q", "-f", "qcow2", str(base), "1G")
+        image = Image(
+            name=TINY_IMAGE,
+            kind="kernel",
+            os_type="linux",
+            description="Busybox on Debian's cloud kernel: boots to a shell in seconds",
+            base_disk=base,
+            kernel=files.kernel,
+            initrd=files.initrd,
+            kernel_version=files.kernel_version,
+        )
+        self._write_metadata(folder, image)
+        return image
+
+    def add_disk_image(
+        self, name: str, source: Path, *, os_type: str = "linux", description: str = ""
+    ) -> Image:
+        """Register a local qcow2 cloud image as ``name`` (copied, then checked by qemu-img)."""
+        folder = self._dir(name)
+        if not source.is_file():
+            raise NotFound(f"no such file: {source}", "no_file")
+        info = json.loads(qemu_img("info", "--output=json", str(source)))
+        if info.get("format") != "qcow2":
+            raise InvalidRequest(
+                f"{source} is {info.get('format')}, not qcow2; convert it with "
+                "`qemu-img convert -O qcow2`",
+                "bad_image_format",
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / METADATA_FILE).unlink(missing_ok=True)
+        base = folder / "base.qcow2"
+        shutil.copyfile(source, base)
+        size_gb = max(1, -(-int(info["virtual-size"]) // 2**30))
+        image = Image(
+            name=name,
+            kind="disk",
+            os_type=os_type,
+            description=description or f"cloud image from {source.name}",
+            base_disk=base,
+            cloud_init=True,
+            min_disk_gb=size_gb,
+        )
+        self._write_metadata(folder, image)
+        return image
