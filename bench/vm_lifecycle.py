@@ -104,7 +104,10 @@ def bench_api(api: Api, rounds: int) -> list[float]:
         vm_id = vm["id"]  # type: ignore[index]
 
         def running(vm_id: int = vm_id) -> bool:
-            return api.call("GET", f"vms/{vm_id}")[1]["status"] == "running"  # type: ignore[index]
+            got = api.call("GET", f"vms/{vm_id}")[1]
+            if got["status"] == "error":  # type: ignore[index]
+                raise RuntimeError(f"VM failed: {got['status_message']}")  # type: ignore[index]
+            return got["status"] == "running"  # type: ignore[index]
 
         wait_until(running)
         times.append(time.perf_counter() - t0)
@@ -150,7 +153,12 @@ def main() -> int:
     image = ImageStore(IMAGES).get("twarga/tiny")
     domain_type = resolve_domain_type("auto", image.kernel, image.initrd, IMAGES / "kvm-probe.json")
     prefix = f"bench{secrets.token_hex(3)}-"
-    with tempfile.TemporaryDirectory(prefix="twarga-bench-") as tmp:
+    runs = REPO / "vms" / "bench-runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    runs.chmod(0o755)
+    # libvirt's QEMU user must reach the disks: not under a 0700 temporary folder.
+    with tempfile.TemporaryDirectory(prefix="vm-lifecycle-", dir=runs) as tmp:
+        Path(tmp).chmod(0o755)
         work = Path(tmp)
         token, port = secrets.token_hex(16), free_port()
         server = start_server(work, token, port, prefix)

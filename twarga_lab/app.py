@@ -191,10 +191,24 @@ class TwargaLabApp(ExtensionApp):
             Path(self.images_dir) / "kvm-probe.json",
         )
 
+    def warn_if_unreachable(self, folder: Path) -> None:
+        """libvirt runs QEMU as its own user: every folder above the disks must be
+        searchable by others, or guests fail to start with "Permission denied"."""
+        for parent in [folder, *folder.parents]:
+            if parent.exists() and not parent.stat().st_mode & 0o001:
+                self.log.warning(
+                    "Twarga Lab: %s is not searchable by other users, so libvirt's QEMU "
+                    "cannot open VM disks below it; use a vms_dir outside it or chmod o+x it",
+                    parent,
+                )
+                return
+
     def build_services(self, backend: HypervisorBackend | None = None) -> Services:
         """Open the database (refusing an outdated one) and build every service."""
         vms_dir = Path(self.vms_dir)
         vms_dir.mkdir(parents=True, exist_ok=True)
+        if self.libvirt_uri.startswith("qemu:///system"):
+            self.warn_if_unreachable(vms_dir)
         db = Database(self.db_url).open()
         backend = backend or LibvirtBackend(self.libvirt_uri)
         images = ImageStore(Path(self.images_dir))

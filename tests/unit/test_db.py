@@ -24,12 +24,28 @@ def test_a_new_database_is_created_at_head_with_every_table(tmp_path):
 
 def test_an_older_schema_is_refused_with_the_command_to_run(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    upgrade_db(url)
+    upgrade_db(url, "0001")
     db = Database(url)
-    with db.engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '0000'"))
     with pytest.raises(DatabaseOutdated, match="twarga-lab upgrade-db"):
         db.open()
+    db.dispose()
+
+
+def test_upgrading_keeps_the_data(tmp_path):
+    url = f"sqlite:///{tmp_path / 'data.db'}"
+    upgrade_db(url, "0001")
+    db = Database(url)
+    with db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO users (name, created_at, active, lock_version) "
+                "VALUES ('alice', '2026-01-01 00:00:00', 1, 0)"
+            )
+        )
+    assert upgrade_db(url) == head_revision()
+    db.open()
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT name FROM users")).scalar() == "alice"
     db.dispose()
 
 

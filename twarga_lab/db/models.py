@@ -156,6 +156,8 @@ class VM(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Credits are charged for running time up to here; the meter picks up from it.
+    metered_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     owner: Mapped[User] = relationship(back_populates="vms")
@@ -218,3 +220,49 @@ class MetricSample(Base):
     value: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (Index("ix_metrics_entity_metric_ts", "entity", "entity_id", "metric", "ts"),)
+
+
+class Account(Base):
+    """A Hub login created by Twarga's sign-up authenticator."""
+
+    __tablename__ = "accounts"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    approved: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    approved_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    last_login: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class AuthFailure(Base):
+    """One failed authentication from ``source`` against ``scope`` (``hub`` or ``vm:<id>``)."""
+
+    __tablename__ = "auth_failures"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(128))
+    user_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_auth_failures_scope_source_ts", "scope", "source", "ts"),
+        Index("ix_auth_failures_user_name_ts", "user_name", "ts"),
+    )
+
+
+class Ban(Base):
+    """A source banned from a scope until ``banned_until``; ``ban_count`` escalates."""
+
+    __tablename__ = "bans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(128))
+    banned_until: Mapped[datetime] = mapped_column(UTCDateTime)
+    ban_count: Mapped[int] = mapped_column(Integer, default=1)
+    last_banned_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("uq_bans_scope_source", "scope", "source", unique=True),)
