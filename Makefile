@@ -9,12 +9,14 @@ BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.twarga-installed
 IMAGES_DIR  := $(CURDIR)/vms/images
 APT_PACKAGES := \
-	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev \
+	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3.11 python3-dev \
 	qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64 dropbear-bin \
 	cpio genisoimage openssh-client sshpass procps curl
 PYTEST_ARGS ?=
 
 export TWARGA_IMAGES_DIR := $(IMAGES_DIR)
+# Debian's interpreter: users' servers run as other accounts and must be able to run it.
+export UV_PYTHON := /usr/bin/python3.11
 
 .PHONY: help system-deps deps services image run test lint bench clean
 

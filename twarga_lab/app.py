@@ -18,7 +18,10 @@ from traitlets import Enum, Float, Int, Unicode, default, validate
 from twarga_lab.db import Database
 from twarga_lab.errors import ValidationFailed
 from twarga_lab.handlers import ROUTES
+from twarga_lab.handlers.proxy import PROXY_ROUTES, ProxyTarget
 from twarga_lab.services import Identity
+from twarga_lab.services.credits import CreditMeter, CreditRates, CreditService
+from twarga_lab.services.hubusers import HubUserDirectory
 from twarga_lab.services.users import QuotaDefaults, UserService
 from twarga_lab.services.vms import VMBounds, VMService, VMServiceConfig
 from twarga_lab.virt.backend import HypervisorBackend
@@ -46,17 +49,27 @@ class Services:
     images: ImageStore
     users: UserService
     vms: VMService
+    credits: CreditService
+    meter: CreditMeter
     personal_user: str
 
-    def identify(self, user: Any) -> Identity:
+    hub_users: HubUserDirectory | None = None
+
+    async def identify(self, user: Any) -> Identity:
         """The Twarga identity of a Jupyter ``current_user``.
 
-        Under JupyterHub the user carries the Hub's model (name and admin flag); otherwise
-        this is personal mode, where the one person is the server's owner and an admin.
+        Under JupyterHub the user carries the Hub's model; the admin flag comes from it or,
+        when the token's scopes hide it, from the Hub's API. Otherwise this is personal
+        mode, where the one person is the server's owner and an admin.
         """
         hub_user = getattr(user, "hub_user", None)
         if isinstance(hub_user, dict) and hub_user.get("name"):
-            return Identity(name=str(hub_user["name"]), admin=bool(hub_user.get("admin")))
+            name = str(hub_user["name"])
+            if "admin" in hub_user:
+                return Identity(name=name, admin=bool(hub_user["admin"]))
+            if self.hub_users is not None:
+                return Identity(name=name, admin=await self.hub_users.is_admin(name))
+            return Identity(name=name, admin=False)
         return Identity(name=self.personal_user, admin=True)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -164,6 +177,15 @@ class TwargaLabApp(ExtensionApp):
     )
 
     starting_credits = Float(1000.0, help="Credits every new user starts with.").tag(config=True)
+    credits_per_vcpu_hour = Float(
+        10.0, help="Credits a running VM costs per vCPU and hour (charged every minute)."
+    ).tag(config=True)
+    credits_per_gb_ram_hour = Float(
+        5.0, help="Credits a running VM costs per GB of RAM and hour (charged every minute)."
+    ).tag(config=True)
+    metering_interval = Float(
+        60.0, help="Seconds between two charges of running VMs; at zero credits they stop."
+    ).tag(config=True)
 
     ssh_port_min = Int(22000, help="First 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
     ssh_port_max = Int(22999, help="Last 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
@@ -176,7 +198,33 @@ class TwargaLabApp(ExtensionApp):
     def _default_personal_user(self) -> str:
         return os.environ.get("TWARGA_USER") or getpass.getuser()
 
+    mode = Enum(
+        ["auto", "personal", "service", "proxy"],
+        default_value="auto",
+        help="""``personal``: one person, local libvirt and database (``jupyter lab``).
+        ``service``: the Hub's ``twarga`` service; users are Hub users, admins by the Hub's
+        flag. ``proxy``: a Hub user's own server; ``/twarga/api`` is forwarded to the
+        service with the server's token, and nothing here touches libvirt or the database.
+        ``auto`` reads ``$TWARGA_MODE`` and falls back to ``personal``.""",
+    ).tag(config=True)
+
+    service_url = Unicode(
+        help="In proxy mode, the twarga service's URL (``$TWARGA_SERVICE_URL``).",
+    ).tag(config=True)
+
+    @default("service_url")
+    def _default_service_url(self) -> str:
+        return os.environ.get("TWARGA_SERVICE_URL") or os.environ.get("TWARGA_URL", "")
+
     services: Services | None = None
+
+    @property
+    def resolved_mode(self) -> str:
+        """The mode in force: the setting, or ``$TWARGA_MODE`` for ``auto``."""
+        if self.mode != "auto":
+            return self.mode
+        env = os.environ.get("TWARGA_MODE", "personal")
+        return env if env in ("personal", "service", "proxy") else "personal"
 
     def resolved_domain_type(self) -> str:
         """``qemu`` or ``kvm``: the setting, or the probe's answer for ``auto``."""
@@ -237,10 +285,30 @@ class TwargaLabApp(ExtensionApp):
             ),
         )
         vms = VMService(db, backend, images, users, config)
-        return Services(db, backend, images, users, vms, self.personal_user)
+        credits = CreditService(
+            db,
+            users,
+            CreditRates(
+                per_vcpu_hour=self.credits_per_vcpu_hour,
+                per_gb_ram_hour=self.credits_per_gb_ram_hour,
+            ),
+        )
+        meter = CreditMeter(credits, vms, self.metering_interval)
+        return Services(db, backend, images, users, vms, credits, meter, self.personal_user)
 
     def initialize_settings(self) -> None:
+        if self.resolved_mode == "proxy":
+            token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+            if not self.service_url or not token:
+                self.log.error("Twarga Lab proxy mode needs $TWARGA_SERVICE_URL and a Hub token")
+            self.settings["twarga_lab_proxy"] = ProxyTarget(self.service_url, token)
+            self.log.info("Twarga Lab: forwarding /twarga/api to %s", self.service_url)
+            return
         self.services = self.build_services()
+        if self.resolved_mode == "service" and os.environ.get("JUPYTERHUB_API_URL"):
+            self.services.hub_users = HubUserDirectory(
+                os.environ["JUPYTERHUB_API_URL"], os.environ.get("JUPYTERHUB_API_TOKEN", "")
+            )
         self.settings["twarga_lab_services"] = self.services
         self.log.info(
             "Twarga Lab: libvirt %s, domain type %s, database %s",
@@ -250,15 +318,19 @@ class TwargaLabApp(ExtensionApp):
         )
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(ROUTES)
+        self.handlers.extend(PROXY_ROUTES if self.resolved_mode == "proxy" else ROUTES)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        assert self.services is not None
-        await self.services.vms.start_up()
+        if self.services is not None:
+            await self.services.vms.start_up()
+            self.services.meter.start()
 
     async def stop_extension(self) -> None:
         if self.services is None:
             return
+        await self.services.meter.stop()
         await self.services.vms.shut_down()
+        if self.services.hub_users is not None:
+            await self.services.hub_users.close()
         self.services.backend.close()
         self.services.db.dispose()

@@ -104,6 +104,28 @@ def cmd_upgrade_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_create_admin(args: argparse.Namespace) -> int:
+    """Create the first admin's Hub account; the password is printed once."""
+    from twarga_lab.db import Database
+    from twarga_lab.services.accounts import AccountService
+
+    app = _settings(args)
+    Path(app.vms_dir).mkdir(parents=True, exist_ok=True)  # type: ignore[attr-defined]
+    password = os.environ.get("TWARGA_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+    db = Database(app.db_url).open()  # type: ignore[attr-defined]
+    try:
+        created = AccountService(db).ensure_admin(args.name, password)
+    finally:
+        db.dispose()
+    if not created:
+        print(f"admin account {args.name} exists already (password unchanged)")
+    elif os.environ.get("TWARGA_ADMIN_PASSWORD"):
+        print(f"admin account {args.name} created with $TWARGA_ADMIN_PASSWORD")
+    else:
+        print(f"admin account {args.name} created; its password (shown once): {password}")
+    return 0
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     """Print the domain type ``auto`` resolves to on this host."""
     app = _settings(args)
@@ -144,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = sub.add_parser("upgrade-db", parents=[common], help="migrate the database")
     upgrade.add_argument("--revision", default="head")
     upgrade.set_defaults(fn=cmd_upgrade_db)
+
+    admin = sub.add_parser("create-admin", parents=[common], help="create the first Hub admin")
+    admin.add_argument("--name", default=os.environ.get("TWARGA_ADMIN_USER", "admin"))
+    admin.set_defaults(fn=cmd_create_admin)
 
     probe = sub.add_parser("probe", parents=[common], help="print the resolved domain type")
     probe.set_defaults(fn=cmd_probe)

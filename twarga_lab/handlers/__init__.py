@@ -3,8 +3,13 @@ registers it and a test walks it to check authentication and ownership."""
 
 from __future__ import annotations
 
-from twarga_lab.handlers import images, me, vms
+from twarga_lab.handlers import admin, images, me, vms
 
-ROUTES = [*me.default_handlers, *vms.default_handlers, *images.default_handlers]
+ROUTES = [
+    *me.default_handlers,
+    *vms.default_handlers,
+    *images.default_handlers,
+    *admin.default_handlers,
+]
 
 __all__ = ["ROUTES"]

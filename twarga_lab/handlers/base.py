@@ -62,16 +62,20 @@ class TwargaAPIHandler(ExtensionHandlerMixin, APIHandler):
         if self.current_user is None:
             # 401 says "log in"; jupyter_server's default 403 would say "not allowed".
             raise Unauthorized("authentication required: send a token or log in")
+        self._identity = await self.services.identify(self.current_user)
 
     @property
     def services(self) -> Any:
         """The services the extension built (``twarga_lab.app.Services``)."""
         return self.settings["twarga_lab_services"]
 
+    _identity: Identity | None = None
+
     @property
     def identity(self) -> Identity:
         """The Hub or Jupyter user behind this request, and whether they are an admin."""
-        return self.services.identify(self.current_user)
+        assert self._identity is not None, "identity is resolved in prepare()"
+        return self._identity
 
     def read_json(
         self, types: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = ()

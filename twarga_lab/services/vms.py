@@ -676,6 +676,19 @@ class VMService:
         await self._run(self.backend.shutdown, domain)
         self._spawn(self._finish_stop(vm_id, domain, then_start=True), f"restart VM {vm_id}")
 
+    async def stop_all_of(self, user_name: str, reason: str) -> int:
+        """Stop every running VM of ``user_name`` (for example at zero credits)."""
+        system = Identity(name="system", admin=True)
+        running = [
+            vm
+            for vm in await self.list(system, all_users=True)
+            if vm["owner"] == user_name and vm["status"] == VMStatus.running.value
+        ]
+        for vm in running:
+            log.info("stopping VM %s of %s: %s", vm["id"], user_name, reason)
+            await self.action(system, vm["id"], "stop")
+        return len(running)
+
     # -- update -------------------------------------------------------------------------
 
     async def update(

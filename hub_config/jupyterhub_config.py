@@ -1,0 +1,107 @@
+"""JupyterHub for Twarga Lab: the front door (sign-up, login, admin), the ``twarga``
+service (the only process with libvirt and database access) and users' JupyterLab
+servers, each running as its own system account.
+
+Everything is steered by environment variables so ``make run`` and the test suite use
+this same file (defaults in brackets):
+
+- TWARGA_HUB_IP / TWARGA_HUB_PORT    public address [127.0.0.1 / 8000]
+- TWARGA_HUB_API_PORT                 the Hub's internal API port [8081]
+- TWARGA_SERVICE_PORT                 the twarga service's port [10101]
+- TWARGA_STATE_DIR                    private state: Hub DB, cookie secret, Twarga DB
+                                      [<repo>/vms/private], made mode 0700
+- TWARGA_DB_URL                       Twarga's database [sqlite:///<state>/twarga.db]
+- TWARGA_VMS_DIR / TWARGA_IMAGES_DIR  VM storage [<repo>/vms, <repo>/vms/images]
+- TWARGA_LIBVIRT_URI                  [qemu:///system]
+- TWARGA_ADMIN_USER                   the first admin [admin]
+- TWARGA_EXTRA_SERVICE_ARGS           more arguments for the service (space separated)
+"""
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+c = get_config()  # type: ignore[name-defined]  # noqa: F821
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+STATE = Path(os.environ.get("TWARGA_STATE_DIR", REPO / "vms" / "private"))
+STATE.mkdir(parents=True, exist_ok=True)
+STATE.chmod(0o700)  # users' accounts must not read the databases or the cookie secret
+
+HUB_IP = os.environ.get("TWARGA_HUB_IP", "127.0.0.1")
+HUB_PORT = int(os.environ.get("TWARGA_HUB_PORT", "8000"))
+HUB_API_PORT = int(os.environ.get("TWARGA_HUB_API_PORT", "8081"))
+SERVICE_PORT = int(os.environ.get("TWARGA_SERVICE_PORT", "10101"))
+DB_URL = os.environ.get("TWARGA_DB_URL", f"sqlite:///{STATE / 'twarga.db'}")
+VMS_DIR = os.environ.get("TWARGA_VMS_DIR", str(REPO / "vms"))
+IMAGES_DIR = os.environ.get("TWARGA_IMAGES_DIR", str(Path(VMS_DIR) / "images"))
+LIBVIRT_URI = os.environ.get("TWARGA_LIBVIRT_URI", "qemu:///system")
+ADMIN = os.environ.get("TWARGA_ADMIN_USER", "admin")
+PUBLIC_URL = f"http://{HUB_IP}:{HUB_PORT}"
+
+# -- the Hub and its proxy --------------------------------------------------------------
+c.JupyterHub.bind_url = f"{PUBLIC_URL}/"
+c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{HUB_API_PORT}"
+c.JupyterHub.db_url = f"sqlite:///{STATE / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(STATE / "jupyterhub_cookie_secret")
+c.ConfigurableHTTPProxy.command = [str(REPO / "node_modules" / ".bin" / "configurable-http-proxy")]
+c.ConfigurableHTTPProxy.pid_file = str(STATE / "jupyterhub-proxy.pid")
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{HUB_API_PORT + 1}"
+c.JupyterHub.template_paths = [str(REPO / "twarga_lab" / "hub" / "templates")]
+c.JupyterHub.cleanup_servers = True
+
+# -- who may log in ---------------------------------------------------------------------
+c.JupyterHub.authenticator_class = "twarga_lab.hub.authenticator.TwargaAuthenticator"
+c.TwargaAuthenticator.db_url = DB_URL
+c.Authenticator.admin_users = {ADMIN}
+c.Authenticator.allow_all = True  # anyone the authenticator accepts (approved accounts)
+
+# -- the twarga service -----------------------------------------------------------------
+service_command = [
+    str(VENV_BIN / "jupyterhub-singleuser"),
+    f"--config={REPO / 'hub_config' / 'twarga_service_config.py'}",
+    f"--TwargaLabApp.db_url={DB_URL}",
+    f"--TwargaLabApp.vms_dir={VMS_DIR}",
+    f"--TwargaLabApp.images_dir={IMAGES_DIR}",
+    f"--TwargaLabApp.libvirt_uri={LIBVIRT_URI}",
+    f"--ServerApp.root_dir={STATE}",
+    *shlex.split(os.environ.get("TWARGA_EXTRA_SERVICE_ARGS", "")),
+]
+c.JupyterHub.services = [
+    {
+        "name": "twarga",
+        "url": f"http://127.0.0.1:{SERVICE_PORT}",
+        "command": service_command,
+        "oauth_no_confirm": True,
+        "display": True,
+        "info": {"description": "Twarga Lab: your virtual machines"},
+        "environment": {"TWARGA_MODE": "service", "PATH": os.environ.get("PATH", "")},
+    }
+]
+c.JupyterHub.load_roles = [
+    # Everyone may use the twarga service (its API checks ownership per VM).
+    {"name": "user", "scopes": ["self", "access:services!service=twarga"]},
+    # The service reads users' admin flag from the Hub.
+    {"name": "twarga-service", "scopes": ["read:users", "list:users"], "services": ["twarga"]},
+]
+
+# -- users' servers -----------------------------------------------------------------------
+c.JupyterHub.spawner_class = "jupyterhub.spawner.LocalProcessSpawner"
+c.Spawner.cmd = [str(VENV_BIN / "jupyterhub-singleuser")]
+c.Spawner.default_url = "/lab"
+c.Spawner.notebook_dir = "~"
+c.Spawner.http_timeout = 60
+c.Spawner.start_timeout = 90
+# The server's own token may call the twarga service: notebooks and the lab panel use it.
+c.Spawner.server_token_scopes = [
+    "access:servers!server",
+    "users:activity!user",
+    "access:services!service=twarga",
+]
+c.Spawner.environment = {
+    "TWARGA_MODE": "proxy",
+    "TWARGA_URL": f"{PUBLIC_URL}/services/twarga/",
+    "TWARGA_SERVICE_URL": f"http://127.0.0.1:{SERVICE_PORT}/services/twarga/",
+}

@@ -1,0 +1,24 @@
+"""Configuration of the ``twarga`` Hub service (a jupyterhub-singleuser server).
+
+It serves only Twarga's API: no JupyterLab, no terminals, no kernels, no contents. The
+authorizer refuses every resource that is not Twarga's, so even a handler a future
+extension adds cannot hand a user the host.
+"""
+
+c = get_config()  # type: ignore[name-defined]  # noqa: F821
+
+c.ServerApp.jpserver_extensions = {
+    "twarga_lab": True,
+    "jupyterlab": False,
+    "jupyter_lsp": False,
+    "jupyter_server_terminals": False,
+    "notebook_shim": False,
+    "notebook": False,
+    "nbclassic": False,
+    "voila": False,
+}
+c.ServerApp.terminals_enabled = False
+c.ServerApp.authorizer_class = "twarga_lab.hub.service.TwargaServiceAuthorizer"
+c.ServerApp.allow_remote_access = False
+c.ServerApp.open_browser = False
+c.ServerApp.allow_root = True  # the service is the privileged account by design

@@ -1,0 +1,1 @@
+"""Twarga Lab under JupyterHub: the sign-up authenticator and the service glue."""

@@ -1,0 +1,286 @@
+"""Credits: metering of running VMs, admin grants, quotas, and the users' overview.
+
+Every change of a balance is a ``credit_ledger`` row written under the user's lock
+(:func:`~twarga_lab.services.users.lock_user`), so concurrent metering and grants queue
+instead of losing rows, and the balance (the last row's ``balance_after``) never goes
+below zero: metering charges at most what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from twarga_lab.db import Database, models
+from twarga_lab.db.models import VM, Account, CreditEntry, Quota, User, VMStatus
+from twarga_lab.errors import NotFound, ValidationFailed
+from twarga_lab.services import Identity
+from twarga_lab.services.events import EventType, Severity, record_event
+from twarga_lab.services.users import (
+    MILLI,
+    UserService,
+    add_credit_entry,
+    balance_milli,
+    lock_user,
+    usage,
+)
+
+log = logging.getLogger(__name__)
+QUOTA_FIELDS = ("max_vms", "max_ram_mb", "max_cpu", "max_disk_gb")
+
+
+def utcnow() -> datetime:
+    """The meter's clock (tests patch this)."""
+    return models.utcnow()
+
+
+@dataclass(frozen=True)
+class CreditRates:
+    """What a running VM costs, in credits per hour."""
+
+    per_vcpu_hour: float = 10.0
+    per_gb_ram_hour: float = 5.0
+
+    def cost_milli(self, cpu: int, ram_mb: int, seconds: float) -> int:
+        """Thousandths of a credit for ``seconds`` of a VM of this size (rounded up)."""
+        per_hour = cpu * self.per_vcpu_hour + ram_mb / 1024 * self.per_gb_ram_hour
+        return math.ceil(per_hour * max(0.0, seconds) / 3600 * MILLI)
+
+
+@dataclass
+class MeterReport:
+    """One metering pass: charges per user, and who ran out."""
+
+    charged_milli: dict[str, int] = field(default_factory=dict)
+    exhausted: list[str] = field(default_factory=list)
+
+
+class CreditService:
+    """Metering, grants, quotas and the admin's view of users."""
+
+    def __init__(self, db: Database, users: UserService, rates: CreditRates) -> None:
+        self.db = db
+        self.users = users
+        self.rates = rates
+
+    # -- metering -----------------------------------------------------------------------
+
+    def meter(self, now: datetime | None = None) -> MeterReport:
+        """Charge every running VM for its time since it was last metered."""
+        now = now or utcnow()
+        report = MeterReport()
+        with self.db.session() as session:
+            owners = session.scalars(
+                select(VM.owner_id).where(VM.status == VMStatus.running).distinct()
+            ).all()
+        for owner_id in owners:
+            self._meter_user(owner_id, now, report)
+        return report
+
+    def _meter_user(self, owner_id: int, now: datetime, report: MeterReport) -> None:
+        with self.db.session() as session:
+            lock_user(session, owner_id)
+            owner = session.get(User, owner_id)
+            assert owner is not None
+            vms = session.scalars(
+                select(VM).where(VM.owner_id == owner_id, VM.status == VMStatus.running)
+            ).all()
+            cost = 0
+            parts = []
+            for vm in vms:
+                since = max(t for t in (vm.metered_until, vm.started_at, vm.created_at) if t)
+                seconds = (now - since).total_seconds()
+                if seconds <= 0:
+                    continue
+                cost += self.rates.cost_milli(vm.cpu, vm.ram_mb, seconds)
+                parts.append(f"{vm.name} {seconds:.0f} s")
+                vm.metered_until = now
+            if cost == 0:
+                return
+            balance = balance_milli(session, owner_id)
+            charge = min(cost, balance)
+            if charge > 0:
+                add_credit_entry(
+                    session, owner_id, -charge, "VM usage: " + ", ".join(parts), "meter"
+                )
+                report.charged_milli[owner.name] = charge
+            if balance - charge <= 0:
+                report.exhausted.append(owner.name)
+                record_event(
+                    session, EventType.system, Severity.warning,
+                    f"{owner.name} has no credits left: their running VMs are being stopped",
+                    user_name=owner.name, action="credits_exhausted",
+                    unpaid=(cost - charge) / MILLI,
+                )  # fmt: skip
+
+    # -- admin ----------------------------------------------------------------------------
+
+    def _user_id(self, name: str) -> int:
+        with self.db.session() as session:
+            user_id = session.scalar(select(User.id).where(User.name == name))
+            known = user_id is not None or session.get(Account, name) is not None
+        if user_id is None:
+            if not known:
+                raise NotFound(f"no user named {name}", "no_user")
+            user_id = self.users.ensure(name)
+        return user_id
+
+    def grant(self, actor: Identity, name: str, amount: float, reason: str) -> float:
+        """Add (or, negative, take) credits; returns the new balance."""
+        if not reason.strip():
+            raise ValidationFailed("a reason is required", field="reason", reason="missing_reason")
+        amount_milli = round(amount * MILLI)
+        if amount_milli == 0 or not math.isfinite(amount):
+            raise ValidationFailed(
+                "amount must be a non-zero number", field="amount", reason="invalid_amount"
+            )
+        user_id = self._user_id(name)
+        with self.db.session() as session:
+            lock_user(session, user_id)
+            balance = balance_milli(session, user_id)
+            if balance + amount_milli < 0:
+                raise ValidationFailed(
+                    f"{name} has {balance / MILLI:g} credits; taking {-amount:g} would make "
+                    "the balance negative",
+                    field="amount",
+                    reason="insufficient_credits",
+                )
+            entry = add_credit_entry(session, user_id, amount_milli, reason.strip(), actor.name)
+            record_event(
+                session, EventType.system, Severity.info,
+                f"{actor.name} {'granted' if amount > 0 else 'took'} {abs(amount):g} credits "
+                f"{'to' if amount > 0 else 'from'} {name}: {reason.strip()}",
+                user_name=name, action="credits", actor=actor.name, amount=amount,
+                balance=entry.balance_after_milli / MILLI,
+            )  # fmt: skip
+            return entry.balance_after_milli / MILLI
+
+    def set_quota(self, actor: Identity, name: str, changes: dict[str, int | None]) -> dict:
+        """Set per-user limits; ``None`` returns a limit to the default."""
+        for key, value in changes.items():
+            if value is not None and value < 0:
+                raise ValidationFailed(f"{key} must be 0 or more", field=key, reason="out_of_range")
+        user_id = self._user_id(name)
+        with self.db.session() as session:
+            lock_user(session, user_id)
+            quota = session.get(Quota, user_id)
+            if quota is None:
+                quota = Quota(user_id=user_id)
+                session.add(quota)
+            for key, value in changes.items():
+                setattr(quota, key, value)
+            session.flush()
+            effective = self.users.effective_quota(session, user_id).to_json()
+            record_event(
+                session, EventType.system, Severity.info,
+                f"{actor.name} changed the quota of {name}",
+                user_name=name, action="quota", actor=actor.name, changes=changes,
+                quota=effective,
+            )  # fmt: skip
+            return {"name": name, "quota": effective}
+
+    def ledger(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The user's latest ledger rows, newest first."""
+        user_id = self._user_id(name)
+        with self.db.session() as session:
+            rows = session.scalars(
+                select(CreditEntry)
+                .where(CreditEntry.user_id == user_id)
+                .order_by(CreditEntry.id.desc())
+                .limit(limit)
+            ).all()
+            return [
+                {
+                    "id": r.id,
+                    "amount": r.amount_milli / MILLI,
+                    "balance_after": r.balance_after_milli / MILLI,
+                    "reason": r.reason,
+                    "actor": r.actor,
+                    "created_at": r.created_at.isoformat(),
+                }
+                for r in rows
+            ]
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Every user Twarga knows (Hub accounts too): credits, VM count, quota, active."""
+        with self.db.session() as session:
+            names = set(session.scalars(select(User.name))) | set(
+                session.scalars(select(Account.name))
+            )
+        for name in names:
+            self.users.ensure(name)
+        result = []
+        with self.db.session() as session:
+            accounts = {a.name: a for a in session.scalars(select(Account))}
+            last_ids = (
+                select(CreditEntry.user_id, func.max(CreditEntry.id).label("last_id"))
+                .group_by(CreditEntry.user_id)
+                .subquery()
+            )
+            balances = dict(
+                session.execute(
+                    select(CreditEntry.user_id, CreditEntry.balance_after_milli).join(
+                        last_ids, CreditEntry.id == last_ids.c.last_id
+                    )
+                ).all()
+            )
+            for user in session.scalars(select(User).order_by(User.name)):
+                account = accounts.get(user.name)
+                used = usage(session, user.id)
+                result.append(
+                    {
+                        "name": user.name,
+                        "credits": balances.get(user.id, 0) / MILLI,
+                        "vm_count": used.vms,
+                        "usage": used.to_json(),
+                        "quota": self.users.effective_quota(session, user.id).to_json(),
+                        "active": account is None or (account.approved and not account.disabled),
+                        "approved": account.approved if account else True,
+                        "created_at": user.created_at.isoformat(),
+                        "last_seen": user.last_seen.isoformat() if user.last_seen else None,
+                    }
+                )
+        return result
+
+
+class CreditMeter:
+    """Meters every ``interval`` seconds in a worker thread; stops VMs of users at zero."""
+
+    def __init__(self, credits: CreditService, vms: Any, interval: float) -> None:
+        self.credits = credits
+        self.vms = vms
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def tick(self) -> MeterReport:
+        """One metering pass, then stop the VMs of everyone who ran out."""
+        report = await asyncio.to_thread(self.credits.meter)
+        for name in report.exhausted:
+            await self.vms.stop_all_of(name, "credits exhausted")
+        return report
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("credit metering failed")
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
