@@ -1,6 +1,8 @@
 # Twarga Lab. On a fresh Debian 12 machine, as root:
-#   make run    install everything, start libvirtd, build the default image, serve JupyterLab
-#   make test   install everything, start libvirtd, build the default image, run every test
+#   make run           install everything, start libvirtd, build the default image, create
+#                      the first admin and bring up JupyterHub on http://127.0.0.1:8000
+#   make test          install everything and run the whole test suite
+#   make run-personal  one-person mode: JupyterLab with Twarga on http://127.0.0.1:8888
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -14,16 +16,21 @@ APT_PACKAGES := \
 	cpio genisoimage openssh-client sshpass procps curl
 PYTEST_ARGS ?=
 
+STATE_DIR   := $(CURDIR)/vms/private
 export TWARGA_IMAGES_DIR := $(IMAGES_DIR)
+export TWARGA_STATE_DIR ?= $(STATE_DIR)
+export TWARGA_DB_URL ?= sqlite:///$(STATE_DIR)/twarga.db
+CHP         := $(CURDIR)/node_modules/.bin/configurable-http-proxy
 # Debian's interpreter: users' servers run as other accounts and must be able to run it.
 export UV_PYTHON := /usr/bin/python3.11
 
-.PHONY: help system-deps deps services image run test lint bench clean
+.PHONY: help system-deps deps services image admin run run-personal test lint bench clean
 
 help:
-	@echo "make run   - install everything and serve Twarga Lab on http://127.0.0.1:8888"
-	@echo "make test  - install everything and run the whole test suite"
-	@echo "make bench - run the benchmarks (they print ratios)"
+	@echo "make run          - install everything and bring up Twarga Lab's JupyterHub on :8000"
+	@echo "make run-personal - one-person JupyterLab with Twarga Lab on :8888"
+	@echo "make test         - install everything and run the whole test suite"
+	@echo "make bench        - run the benchmarks (they print ratios)"
 
 # apt-get only when a package is missing: a warm machine skips the slow part.
 system-deps:
@@ -35,13 +42,19 @@ system-deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			--no-install-recommends $$missing; \
 	fi
+	@command -v npm >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q --no-install-recommends nodejs npm; }
 	@command -v uv >/dev/null || python3 -m pip install --quiet uv
 
 $(STAMP): pyproject.toml uv.lock | system-deps
 	uv sync --frozen --all-extras
 	touch $@
 
-deps: system-deps $(STAMP)
+$(CHP): package.json package-lock.json | system-deps
+	npm ci --no-audit --no-fund
+	touch $@
+
+deps: system-deps $(STAMP) $(CHP)
 
 # No systemd here: start the daemons by hand when they are not running.
 services: system-deps
@@ -53,7 +66,16 @@ services: system-deps
 image: deps
 	$(BIN)/twarga-lab image build --images-dir $(IMAGES_DIR)
 
-run: deps services image
+# The first admin's password is printed once (or taken from $$TWARGA_ADMIN_PASSWORD).
+admin: deps
+	@mkdir -p $(TWARGA_STATE_DIR) && chmod 700 $(TWARGA_STATE_DIR)
+	$(BIN)/twarga-lab create-admin
+
+run: deps services image admin
+	@echo "Twarga Lab: http://127.0.0.1:8000 (sign up at /hub/signup, approve at /hub/twarga-accounts)"
+	cd $(TWARGA_STATE_DIR) && $(BIN)/jupyterhub -f $(CURDIR)/hub_config/jupyterhub_config.py
+
+run-personal: deps services image
 	$(BIN)/twarga-lab run --images-dir $(IMAGES_DIR)
 
 lint: deps

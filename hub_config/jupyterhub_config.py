@@ -91,6 +91,8 @@ c.JupyterHub.load_roles = [
 c.JupyterHub.spawner_class = "jupyterhub.spawner.LocalProcessSpawner"
 c.Spawner.cmd = [str(VENV_BIN / "jupyterhub-singleuser")]
 c.Spawner.default_url = "/lab"
+# The VM console is a user's terminal; no shell on the host from their server either.
+c.Spawner.args = ["--ServerApp.terminals_enabled=False"]
 c.Spawner.notebook_dir = "~"
 c.Spawner.http_timeout = 60
 c.Spawner.start_timeout = 90
