@@ -13,13 +13,13 @@ IMAGES_DIR  := $(CURDIR)/vms/images
 APT_PACKAGES := \
 	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3.11 python3-dev \
 	qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64 dropbear-bin \
-	cpio genisoimage openssh-client sshpass procps curl
+	cpio genisoimage openssh-client sshpass procps curl chromium
 PYTEST_ARGS ?=
 
-STATE_DIR   := $(CURDIR)/vms/private
+STATE_DIR   ?= $(CURDIR)/vms/private
+# Only the Hub targets get these: tests make their own databases.
+HUB_ENV     := TWARGA_STATE_DIR=$(STATE_DIR) TWARGA_DB_URL=sqlite:///$(STATE_DIR)/twarga.db
 export TWARGA_IMAGES_DIR := $(IMAGES_DIR)
-export TWARGA_STATE_DIR ?= $(STATE_DIR)
-export TWARGA_DB_URL ?= sqlite:///$(STATE_DIR)/twarga.db
 CHP         := $(CURDIR)/node_modules/.bin/configurable-http-proxy
 # Debian's interpreter: users' servers run as other accounts and must be able to run it.
 export UV_PYTHON := /usr/bin/python3.11
@@ -46,8 +46,13 @@ system-deps:
 		apt-get install -y -q --no-install-recommends nodejs npm; }
 	@command -v uv >/dev/null || python3 -m pip install --quiet uv
 
-$(STAMP): pyproject.toml uv.lock | system-deps
-	uv sync --frozen --all-extras
+LAB_SOURCES := labextension/package.json labextension/yarn.lock \
+	$(wildcard labextension/src/*.ts labextension/style/*)
+
+# The build hook compiles the JupyterLab extension (labextension/) into the package.
+$(STAMP): pyproject.toml uv.lock $(LAB_SOURCES) | system-deps
+	rm -rf twarga_lab/labextension
+	uv sync --frozen --reinstall-package twarga-lab
 	touch $@
 
 $(CHP): package.json package-lock.json | system-deps
@@ -68,12 +73,12 @@ image: deps
 
 # The first admin's password is printed once (or taken from $$TWARGA_ADMIN_PASSWORD).
 admin: deps
-	@mkdir -p $(TWARGA_STATE_DIR) && chmod 700 $(TWARGA_STATE_DIR)
-	$(BIN)/twarga-lab create-admin
+	@mkdir -p $(STATE_DIR) && chmod 700 $(STATE_DIR)
+	$(HUB_ENV) $(BIN)/twarga-lab create-admin
 
 run: deps services image admin
 	@echo "Twarga Lab: http://127.0.0.1:8000 (sign up at /hub/signup, approve at /hub/twarga-accounts)"
-	cd $(TWARGA_STATE_DIR) && $(BIN)/jupyterhub -f $(CURDIR)/hub_config/jupyterhub_config.py
+	cd $(STATE_DIR) && $(HUB_ENV) $(BIN)/jupyterhub -f $(CURDIR)/hub_config/jupyterhub_config.py
 
 run-personal: deps services image
 	$(BIN)/twarga-lab run --images-dir $(IMAGES_DIR)

@@ -84,10 +84,13 @@ def jp_server_config(tmp_path: Path, fake_image_dir: Path, twarga_config: dict[s
     settings = {
         "libvirt_uri": "test:///default",
         "vms_dir": str(tmp_path / "vms"),
+        "db_url": f"sqlite:///{tmp_path / 'twarga.db'}",
         "images_dir": str(fake_image_dir),
         # test:///default is shared by the whole process: a prefix per test keeps them apart.
         "domain_prefix": f"tt{uuid.uuid4().hex[:8]}-",
         "stop_timeout": 2.0,
+        # A free port per server: tests never fight over (or need) 127.0.0.1:5514.
+        "syslog_address": "127.0.0.1:0",
     }
     settings.update(twarga_config)
     return Config(
@@ -127,10 +130,11 @@ def api(jp_fetch: Any, twarga: Any) -> Any:
         payload = raw if raw is not None else (json.dumps(body) if body is not None else None)
         if payload is None and method in ("POST", "PATCH", "PUT"):
             payload = ""
+        parts = path.strip("/").split("/")
+        if not path.startswith("/"):
+            parts = ["twarga", "api", *parts]  # relative to /twarga/api unless absolute
         response = await jp_fetch(
-            "twarga",
-            "api",
-            *path.strip("/").split("/"),
+            *parts,
             method=method,
             body=payload,
             headers=headers,

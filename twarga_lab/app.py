@@ -13,15 +13,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Enum, Float, Int, Unicode, default, validate
+from traitlets import Enum, Float, Int, TraitError, Unicode, default, validate
 
 from twarga_lab.db import Database
 from twarga_lab.errors import ValidationFailed
 from twarga_lab.handlers import ROUTES
+from twarga_lab.handlers.console import VMConsoleManager
 from twarga_lab.handlers.proxy import PROXY_ROUTES, ProxyTarget
 from twarga_lab.services import Identity
+from twarga_lab.services.bans import BanPolicy
+from twarga_lab.services.consoles import ConsoleService
 from twarga_lab.services.credits import CreditMeter, CreditRates, CreditService
 from twarga_lab.services.hubusers import HubUserDirectory
+from twarga_lab.services.metric_store import Retention
+from twarga_lab.services.metrics import MetricsConfig, MetricsService, Thresholds
+from twarga_lab.services.soc import SocService
+from twarga_lab.services.syslog import SyslogService, parse_address
 from twarga_lab.services.users import QuotaDefaults, UserService
 from twarga_lab.services.vms import VMBounds, VMService, VMServiceConfig
 from twarga_lab.virt.backend import HypervisorBackend
@@ -54,6 +61,10 @@ class Services:
     personal_user: str
 
     hub_users: HubUserDirectory | None = None
+    metrics: MetricsService | None = None
+    soc: SocService | None = None
+    syslog: SyslogService | None = None
+    consoles: ConsoleService | None = None
 
     async def identify(self, user: Any) -> Identity:
         """The Twarga identity of a Jupyter ``current_user``.
@@ -187,8 +198,91 @@ class TwargaLabApp(ExtensionApp):
         60.0, help="Seconds between two charges of running VMs; at zero credits they stop."
     ).tag(config=True)
 
+    metrics_interval = Float(
+        10.0,
+        help="""Seconds between two metric collections: the host (psutil) and the state and
+        CPU time of every VM in one bulk libvirt call.""",
+    ).tag(config=True)
+    metrics_slow_interval = Float(
+        30.0,
+        help="""Seconds between two reads of the VMs' memory, disk and network counters (a
+        heavier libvirt call; 30-60 s is sensible).""",
+    ).tag(config=True)
+
+    @validate("metrics_interval", "metrics_slow_interval")
+    def _validate_metrics_interval(self, proposal: Any) -> float:
+        if proposal["value"] <= 0:
+            raise TraitError(f"{proposal['trait'].name} must be positive")
+        return float(proposal["value"])
+
+    metrics_raw_retention_hours = Float(
+        24.0, help="Hours raw metric samples are kept (24 h windows read them)."
+    ).tag(config=True)
+    metrics_minute_retention_days = Float(
+        7.0, help="Days 1-minute metric rollups (average, minimum, maximum) are kept."
+    ).tag(config=True)
+    metrics_hour_retention_days = Float(
+        90.0, help="Days 1-hour metric rollups are kept; also the longest history window."
+    ).tag(config=True)
+    metrics_prune_interval = Float(
+        600.0, help="Seconds between two deletions of metrics past their retention."
+    ).tag(config=True)
+    metrics_cpu_threshold = Float(
+        90.0, help="CPU usage (%) of the host or a VM that raises a warning event."
+    ).tag(config=True)
+    metrics_memory_threshold = Float(
+        90.0, help="Memory usage (%) of the host or a VM that raises a warning event."
+    ).tag(config=True)
+    metrics_disk_threshold = Float(
+        90.0, help="Disk usage (%) of the host or a VM that raises a warning event."
+    ).tag(config=True)
+    metrics_threshold_seconds = Float(
+        60.0,
+        help="""Seconds a value must stay above its threshold before the warning event, and
+        at or below it before the recovery event (one event each way).""",
+    ).tag(config=True)
+    metrics_scrape_token = Unicode(
+        help="""Bearer token a Prometheus server sends to ``GET /twarga/metrics``
+        (``Authorization: Bearer <token>``). Empty: only admins may read the exposition.""",
+    ).tag(config=True)
+
+    @default("metrics_scrape_token")
+    def _default_metrics_scrape_token(self) -> str:
+        return os.environ.get("TWARGA_METRICS_SCRAPE_TOKEN", "")
+
     ssh_port_min = Int(22000, help="First 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
     ssh_port_max = Int(22999, help="Last 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
+
+    syslog_address = Unicode(
+        "127.0.0.1:5514",
+        help="""Where the SOC listens for syslog over UDP and TCP (RFC 3164/5424, RFC 6587
+        framing), as ``IP:PORT``; empty turns the network receiver off. The tiny image's
+        guests do not need it: each sends its syslog over its own virtio channel.""",
+    ).tag(config=True)
+
+    @validate("syslog_address")
+    def _validate_syslog_address(self, proposal: Any) -> str:
+        try:
+            parse_address(proposal["value"])
+        except ValueError as e:
+            raise TraitError(str(e)) from None
+        return str(proposal["value"]).strip()
+
+    bruteforce_maxretry = Int(
+        5, help="SSH brute force on a VM: failures from one source that raise the alarm."
+    ).tag(config=True)
+    bruteforce_findtime = Float(
+        600.0, help="SSH brute force on a VM: the window (seconds) the failures must fall in."
+    ).tag(config=True)
+    bruteforce_bantime = Float(
+        600.0,
+        help="SSH brute force on a VM: the first ban's length in seconds; each further ban of "
+        "the same source doubles it (recorded, not enforced under user-mode networking).",
+    ).tag(config=True)
+
+    console_idle_timeout = Float(
+        1800.0, help="Seconds without input after which a VM console session is closed."
+    ).tag(config=True)
 
     personal_user = Unicode(
         help="In personal mode (no JupyterHub), the one user's name; they are an admin.",
@@ -294,7 +388,47 @@ class TwargaLabApp(ExtensionApp):
             ),
         )
         meter = CreditMeter(credits, vms, self.metering_interval)
-        return Services(db, backend, images, users, vms, credits, meter, self.personal_user)
+        services = Services(db, backend, images, users, vms, credits, meter, self.personal_user)
+        services.metrics = MetricsService(db, backend, self.metrics_config())
+        services.soc = SocService(
+            db,
+            BanPolicy(
+                maxretry=self.bruteforce_maxretry,
+                findtime=self.bruteforce_findtime,
+                bantime=self.bruteforce_bantime,
+            ),
+        )
+        services.syslog = SyslogService(
+            services.soc,
+            db,
+            backend,
+            address=self.syslog_address,
+            domain_prefix=self.domain_prefix,
+        )
+        services.consoles = ConsoleService(db, vms, self.libvirt_uri)
+        return services
+
+    def metrics_config(self) -> MetricsConfig:
+        """The metrics service's settings from the traits."""
+        return MetricsConfig(
+            interval=self.metrics_interval,
+            slow_interval=self.metrics_slow_interval,
+            prune_interval=self.metrics_prune_interval,
+            domain_prefix=self.domain_prefix,
+            disk_path=Path(self.vms_dir),
+            retention=Retention(
+                raw=self.metrics_raw_retention_hours * 3600,
+                minute=self.metrics_minute_retention_days * 86400,
+                hour=self.metrics_hour_retention_days * 86400,
+            ),
+            thresholds=Thresholds(
+                cpu=self.metrics_cpu_threshold,
+                memory=self.metrics_memory_threshold,
+                disk=self.metrics_disk_threshold,
+                hold_seconds=self.metrics_threshold_seconds,
+            ),
+            scrape_token=self.metrics_scrape_token,
+        )
 
     def initialize_settings(self) -> None:
         if self.resolved_mode == "proxy":
@@ -310,6 +444,9 @@ class TwargaLabApp(ExtensionApp):
                 os.environ["JUPYTERHUB_API_URL"], os.environ.get("JUPYTERHUB_API_TOKEN", "")
             )
         self.settings["twarga_lab_services"] = self.services
+        self.settings["twarga_lab_consoles"] = VMConsoleManager(
+            idle_timeout=self.console_idle_timeout
+        )
         self.log.info(
             "Twarga Lab: libvirt %s, domain type %s, database %s",
             self.libvirt_uri,
@@ -323,12 +460,22 @@ class TwargaLabApp(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         if self.services is not None:
             await self.services.vms.start_up()
+            if self.services.syslog is not None:
+                await self.services.syslog.start()
             self.services.meter.start()
+            self.settings["twarga_lab_consoles"].start_culler()
+            if self.services.metrics is not None:
+                self.services.metrics.start()
 
     async def stop_extension(self) -> None:
         if self.services is None:
             return
         await self.services.meter.stop()
+        await self.settings["twarga_lab_consoles"].shutdown()
+        if self.services.metrics is not None:
+            await self.services.metrics.stop()
+        if self.services.syslog is not None:
+            await self.services.syslog.stop()
         await self.services.vms.shut_down()
         if self.services.hub_users is not None:
             await self.services.hub_users.close()

@@ -18,7 +18,9 @@ def route_calls() -> list[tuple[str, str]]:
         path = re.sub(r"\(\?P<\w+>[^)]*\)", "1", pattern).lstrip("/")
         for method in METHODS:
             if getattr(handler, method) is not getattr(RequestHandler, method):
-                calls.append((method.upper(), path.removeprefix("twarga/api/")))
+                # API paths relative to /twarga/api, others (/twarga/metrics) absolute.
+                api_path = path.removeprefix("twarga/api/")
+                calls.append((method.upper(), api_path if api_path != path else f"/{path}"))
     return calls
 
 

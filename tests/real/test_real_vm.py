@@ -60,7 +60,7 @@ async def test_real_guest_boots_stops_starts_and_is_destroyed(api, twarga, clean
     await wait_status(api, vm["id"], "running", timeout=BOOT_TIMEOUT)
     assert domstate(vm["domain"]) == "running"
     domain_xml = virsh("dumpxml", vm["domain"]).stdout
-    assert "<cmdline>console=ttyS0 quiet twarga.name=web-1</cmdline>" in domain_xml
+    assert "<cmdline>console=ttyS0 quiet twarga.name=web-1 twarga.ssh=1</cmdline>" in domain_xml
 
     folder = twarga.services.vms.instance_dir(vm["domain"])
     log = folder / "console.log"

@@ -15,7 +15,7 @@ def test_a_new_database_is_created_at_head_with_every_table(tmp_path):
     url = f"sqlite:///{tmp_path / 'new.db'}"
     db = Database(url).open()
     tables = set(inspect(db.engine).get_table_names())
-    assert {"users", "vms", "events", "metrics", "credit_ledger", "quotas"} <= tables
+    assert {"users", "vms", "events", "metric_chunks", "credit_ledger", "quotas"} <= tables
     with db.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1

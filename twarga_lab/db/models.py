@@ -12,10 +12,10 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Enum,
-    Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -152,6 +152,8 @@ class VM(Base):
     )
     status_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     ssh_port: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The tiny image's root password, for the owner to read back; the guest gets a hash.
+    root_password: Mapped[str | None] = mapped_column(String(64), nullable=True)
     ip_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -207,19 +209,51 @@ class Event(Base):
     )
 
 
-class MetricSample(Base):
-    """One metric value of the host or a VM at one time."""
+class MetricSeries(Base):
+    """One time series: a metric of the host (``entity_id`` 0) or of one VM."""
 
-    __tablename__ = "metrics"
+    __tablename__ = "metric_series"
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     entity: Mapped[str] = mapped_column(String(8))  # host or vm
-    entity_id: Mapped[int] = mapped_column(Integer)  # 0 for the host
+    entity_id: Mapped[int] = mapped_column(Integer)  # 0 for the host, else vms.id
     metric: Mapped[str] = mapped_column(String(64))
-    ts: Mapped[datetime] = mapped_column(UTCDateTime)
-    value: Mapped[float] = mapped_column(Float)
 
-    __table_args__ = (Index("ix_metrics_entity_metric_ts", "entity", "entity_id", "metric", "ts"),)
+    __table_args__ = (
+        Index(
+            "uq_metric_series_entity_entity_id_metric",
+            "entity",
+            "entity_id",
+            "metric",
+            unique=True,
+        ),
+    )
+
+
+class MetricChunk(Base):
+    """The samples of one series in one time bucket, packed (``services.metric_store``).
+
+    ``resolution`` is 0 for raw samples and 60 or 3600 for rollups; ``start`` is the bucket's
+    first second (Unix time); ``data`` holds zlib-packed millisecond offsets and float32
+    columns. One row per series and bucket keeps a 24-hour read to a few dozen rows.
+    """
+
+    __tablename__ = "metric_chunks"
+
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("metric_series.id", ondelete="CASCADE"), primary_key=True
+    )
+    resolution: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        # Pruning deletes by age across every series.
+        Index("ix_metric_chunks_resolution_start", "resolution", "start"),
+        # Rows are clustered by series and time, so a series' window is one range read.
+        {"sqlite_with_rowid": False},
+    )
 
 
 class Account(Base):

@@ -3,13 +3,16 @@ registers it and a test walks it to check authentication and ownership."""
 
 from __future__ import annotations
 
-from twarga_lab.handlers import admin, images, me, vms
+from twarga_lab.handlers import admin, console, images, me, metrics, soc, vms
 
 ROUTES = [
     *me.default_handlers,
     *vms.default_handlers,
+    *console.default_handlers,
     *images.default_handlers,
     *admin.default_handlers,
+    *metrics.default_handlers,
+    *soc.default_handlers,
 ]
 
 __all__ = ["ROUTES"]

@@ -62,8 +62,19 @@ class VMActionHandler(TwargaAPIHandler):
         self.write_json(await self.services.vms.action(self.identity, int(vm_id), body["action"]))
 
 
+class VMCredentialsHandler(TwargaAPIHandler):
+    """Root's password and the SSH forward of a VM: its owner only (others get 404)."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, vm_id: str) -> None:
+        vms = self.services.vms
+        self.write_json(await self.services.run(vms.credentials, self.identity, int(vm_id)))
+
+
 default_handlers = [
     (r"/twarga/api/vms", VMListHandler),
     (r"/twarga/api/vms/(?P<vm_id>\d+)", VMHandler),
     (r"/twarga/api/vms/(?P<vm_id>\d+)/action", VMActionHandler),
+    (r"/twarga/api/vms/(?P<vm_id>\d+)/credentials", VMCredentialsHandler),
 ]

@@ -41,8 +41,9 @@ from twarga_lab.services.users import (
     usage,
 )
 from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEvent
-from twarga_lab.virt.domain import DiskSpec, DomainSpec, UserNetSpec
+from twarga_lab.virt.domain import SYSLOG_CHANNEL, ChannelSpec, DiskSpec, DomainSpec, UserNetSpec
 from twarga_lab.virt.images import Image, ImageStore, build_seed_iso, create_overlay
+from twarga_lab.virt.seed import build_tiny_seed, generate_password, sha512_crypt
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,6 +51,7 @@ T = TypeVar("T")
 VM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 ACTIONS = ("start", "stop", "restart", "destroy", "force-stop")
 GUEST_IP = "10.0.2.15"  # QEMU user networking always leases this address to the guest
+TINY_SEED = "twarga-seed.iso"  # kernel images' seed: root's keys and password hash
 
 # Statuses Twarga sets itself around its own calls: a libvirt event seen in one of them
 # is the expected outcome; seen in any other status, something acted behind our back.
@@ -268,6 +270,25 @@ class VMService:
 
         return await self._run(query)
 
+    def credentials(self, identity: Identity, vm_id: int) -> dict[str, Any]:
+        """How to log in to a VM as root; its owner only (everyone else, admins too, 404)."""
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            if vm is None or vm.status is VMStatus.destroyed or vm.owner.name != identity.name:
+                raise NotFound(f"VM {vm_id} does not exist", "no_vm")
+            record_event(
+                session, EventType.security, Severity.info,
+                f"root credentials of VM {vm.name} read by {identity.name}",
+                user_name=vm.owner.name, vm_id=vm.id, action="credentials_read",
+                actor=identity.name,
+            )  # fmt: skip
+            return {
+                "username": "root",
+                "password": vm.root_password,
+                "ssh_host": "127.0.0.1",
+                "ssh_port": vm.ssh_port,
+            }
+
     def list_images(self) -> list[dict[str, object]]:
         """Bootable images."""
         return [image.to_json() for image in self.images.list()]
@@ -362,6 +383,7 @@ class VMService:
                 status=VMStatus.pending,
                 ssh_port=self._free_ssh_port(session),
                 ip_address=GUEST_IP,
+                root_password=generate_password() if image.kind == "kernel" else None,
             )
             session.add(vm)
             session.flush()
@@ -427,8 +449,18 @@ class VMService:
                 )
             )
         cmdline: tuple[tuple[str, str], ...] = ()
+        channels: tuple[ChannelSpec, ...] = ()
         if image.kind == "kernel":
-            cmdline = (("console", "ttyS0"), ("quiet", ""), ("twarga.name", vm.name))
+            cmdline = (
+                ("console", "ttyS0"),
+                ("quiet", ""),
+                ("twarga.name", vm.name),
+                ("twarga.ssh", "1"),
+            )
+            disks.append(
+                DiskSpec(path=folder / TINY_SEED, target="vdb", format="raw", readonly=True)
+            )
+            channels = (ChannelSpec(SYSLOG_CHANNEL),)  # libvirt picks the socket's path
         return DomainSpec(
             name=vm.domain_name,
             memory_mib=vm.ram_mb,
@@ -440,6 +472,7 @@ class VMService:
             disks=tuple(disks),
             console_log=folder / "console.log",
             network=UserNetSpec(ssh_host_port=vm.ssh_port),
+            channels=channels,
             owner=owner,
             vm_id=vm.id,
         )
@@ -462,7 +495,22 @@ class VMService:
                     hostname=vm.name,
                     ssh_keys=[owner.ssh_public_key] if owner.ssh_public_key else [],
                 )
+            self._ensure_tiny_seed(vm, image)
             return spec
+
+    def _ensure_tiny_seed(self, vm: VM, image: Image) -> None:
+        """A kernel image's seed disk: the owner's key and root's password hash (never the
+        kernel command line, which anyone reading the domain XML sees)."""
+        assert vm.domain_name is not None
+        seed = self.instance_dir(vm.domain_name) / TINY_SEED
+        if image.kind != "kernel" or seed.exists():
+            return
+        key = vm.owner.ssh_public_key
+        build_tiny_seed(
+            seed,
+            authorized_keys=[key] if key else [],
+            root_password_hash=sha512_crypt(vm.root_password) if vm.root_password else None,
+        )
 
     async def _provision(self, vm_id: int) -> None:
         async with self._lock(vm_id):
@@ -563,6 +611,7 @@ class VMService:
                 vm = session.get(VM, vm_id)
                 assert vm is not None
                 spec = self.domain_spec(vm, vm.owner.name)
+                self._ensure_tiny_seed(vm, self.images.get(vm.image))  # VMs older than seeds
             if self.backend.state(spec.name) is not DomainState.running:
                 self.backend.define(spec)  # picks up RAM/CPU edits made while stopped
             self.backend.start(spec.name)

@@ -20,6 +20,9 @@ DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CMDLINE_KEY_RE = re.compile(r"^[a-z][a-z0-9_.]*$")
 CMDLINE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:/@+-]*$")
 DISK_TARGET_RE = re.compile(r"^(vd|sd|hd)[a-z]$")
+CHANNEL_NAME_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
+#: The virtio-serial port the tiny image's syslogd writes into (see ``virt.tinyimage``).
+SYSLOG_CHANNEL = "org.twarga.syslog.0"
 DOMAIN_TYPES = ("qemu", "kvm", "test")
 
 ET.register_namespace("qemu", QEMU_NS)
@@ -46,6 +49,22 @@ class DiskSpec:
             raise ValueError(f"bad disk format {self.format!r}")
         if self.bus not in ("virtio", "sata", "scsi", "ide"):
             raise ValueError(f"bad disk bus {self.bus!r}")
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """A virtio-serial port whose host end is a UNIX socket QEMU listens on.
+
+    Without ``path`` libvirt picks one under ``/var/lib/libvirt/qemu/channel/target/``; it
+    shows in the live XML only (:func:`channel_socket_path`).
+    """
+
+    name: str  # the port's name in the guest (/sys/class/virtio-ports/*/name)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not CHANNEL_NAME_RE.match(self.name):
+            raise ValueError(f"bad channel name {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,7 @@ class DomainSpec:
     disks: tuple[DiskSpec, ...] = ()
     console_log: Path | None = None
     network: UserNetSpec | None = None
+    channels: tuple[ChannelSpec, ...] = ()
     owner: str | None = None
     vm_id: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
@@ -175,6 +195,11 @@ def build_domain_element(spec: DomainSpec) -> ET.Element:
     _sub(serial, "target", port="0")
     console = _sub(devices, "console", type="pty")
     _sub(console, "target", type="serial", port="0")
+    for channel in spec.channels:
+        channel_el = _sub(devices, "channel", type="unix")
+        source = {"path": str(channel.path)} if channel.path is not None else {}
+        _sub(channel_el, "source", mode="bind", **source)
+        _sub(channel_el, "target", type="virtio", name=channel.name)
     _sub(devices, "memballoon", model="virtio")
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
@@ -191,6 +216,16 @@ def build_domain_xml(spec: DomainSpec) -> str:
     element = build_domain_element(spec)
     ET.indent(element)
     return ET.tostring(element, encoding="unicode") + "\n"
+
+
+def channel_socket_path(xml: str, name: str) -> str | None:
+    """The host socket of the virtio channel ``name`` in a (live) domain XML, if any."""
+    for channel in ET.fromstring(xml).iterfind("devices/channel"):
+        target = channel.find("target")
+        source = channel.find("source")
+        if target is not None and target.get("name") == name and source is not None:
+            return source.get("path")
+    return None
 
 
 def read_twarga_metadata(xml: str) -> dict[str, str]:

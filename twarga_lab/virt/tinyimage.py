@@ -12,10 +12,16 @@ What the guest does is driven by the kernel command line:
     print ``TWARGA-PROBE-OK`` after the banner and power off (used to test the accelerator).
 ``twarga.ssh=1``
     start dropbear on port 22 (needs an image built ``with_dropbear``).
-``twarga.password=VALUE``
-    root's password (no spaces; see the security note in the init script).
 ``twarga.syslog=HOST:PORT``
     forward syslog over UDP (under QEMU user networking the host's loopback is 10.0.2.2).
+
+Secrets never travel on the command line (readable in ``/proc/cmdline`` and the domain XML):
+a per-VM seed, an ISO 9660 disk with a ``twarga-seed`` marker (``twarga_lab.virt.seed``), is
+mounted read-only at boot; its ``authorized_keys`` becomes root's and its
+``root-password.hash`` (a SHA-512 crypt hash) root's password.
+
+When the domain has a virtio-serial port named ``org.twarga.syslog.0``, syslogd writes every
+line into it: the host end is a UNIX socket per VM, so the service knows which VM spoke.
 
 Everything is built with the standard library plus ``cpio`` (package ``cpio``) and, for
 dropbear, ``ldd`` (package ``libc-bin``).
@@ -77,6 +83,7 @@ MODULE_LOAD_ORDER: tuple[str, ...] = (
     "net_failover",
     "virtio_net",
     "virtio_blk",
+    "isofs",
     "virtio_console",
     "virtio_rng",
     "virtio_balloon",
@@ -113,14 +120,12 @@ dmesg -n 1
 name=twarga
 probe=0
 ssh=0
-password=
 syslog=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         twarga.name=*) name="${arg#twarga.name=}" ;;
         twarga.probe=1) probe=1 ;;
         twarga.ssh=1) ssh=1 ;;
-        twarga.password=*) password="${arg#twarga.password=}" ;;
         twarga.syslog=*) syslog="${arg#twarga.syslog=}" ;;
     esac
 done
@@ -135,12 +140,65 @@ while read -r mod; do
     [ -n "$mod" ] && insmod "$mod" 2>/dev/null
 done </etc/twarga/modules
 
-if [ -n "$syslog" ]; then
+# Virtio disks and serial ports finish probing after insmod returns: wait (10 s at most)
+# until every disk has its block device and every serial device a named port.
+set +f  # globs below only name sysfs and /dev entries
+tries=0
+while [ "$tries" -lt 100 ]; do
+    pending=0
+    for dev in /sys/bus/virtio/devices/*; do
+        [ -r "$dev/device" ] || continue
+        case "$(cat "$dev/device")" in
+            0x0002) [ -d "$dev/block" ] || pending=1 ;;
+            0x0003) ls "$dev"/virtio-ports/*/name >/dev/null 2>&1 || pending=1 ;;
+        esac
+    done
+    [ "$pending" = 0 ] && break
+    usleep 100000
+    tries=$((tries + 1))
+done
+
+# The host reads this port's UNIX socket: it tells the service which VM is speaking.
+syslog_port=
+for port in /sys/class/virtio-ports/*; do
+    [ -r "$port/name" ] && [ "$(cat "$port/name")" = org.twarga.syslog.0 ] &&
+        syslog_port="/dev/${port##*/}"
+done
+if [ -n "$syslog_port" ] && [ -n "$syslog" ]; then
+    syslogd -O "$syslog_port" -L -R "$syslog"
+elif [ -n "$syslog_port" ]; then
+    syslogd -O "$syslog_port"
+elif [ -n "$syslog" ]; then
     syslogd -C256 -L -R "$syslog"
 else
     syslogd -C256
 fi
 klogd
+
+# The per-VM seed (read-only ISO 9660 disk): root's authorized_keys and password hash.
+mkdir -p /run/seed
+for disk in /dev/vd[b-z]; do
+    [ -b "$disk" ] || continue
+    mount -t iso9660 -o ro,nosuid,nodev,noexec "$disk" /run/seed 2>/dev/null || continue
+    if [ -f /run/seed/twarga-seed ]; then
+        if [ -f /run/seed/authorized_keys ]; then
+            mkdir -p /root/.ssh
+            chmod 700 /root /root/.ssh
+            cp /run/seed/authorized_keys /root/.ssh/authorized_keys
+            chmod 600 /root/.ssh/authorized_keys
+        fi
+        hash=$(head -n 1 /run/seed/root-password.hash 2>/dev/null)
+        # Only a SHA-512 crypt hash: its alphabet cannot break out of the sed expression.
+        if printf '%s\n' "$hash" | grep -Eqx '\$6\$[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{86}'; then
+            sed -i "s|^root:[^:]*:|root:$hash:|" /etc/passwd
+        fi
+        unset hash
+        umount /run/seed
+        break
+    fi
+    umount /run/seed
+done
+set -f
 
 ifconfig lo 127.0.0.1 netmask 255.0.0.0 up
 if [ -e /sys/class/net/eth0 ]; then
@@ -151,14 +209,6 @@ fi
 # Graceful shutdown: the ACPI power button (button + evdev modules) runs
 # /etc/acpi/PWRF/00000080, which powers off.
 acpid -c /etc/acpi -l /dev/null
-
-if [ -n "$password" ]; then
-    # Security tradeoff: the password travels on the kernel command line, readable by anyone
-    # who can read /proc/cmdline in the guest or the domain XML on the host; fine for a lab.
-    hash=$(printf '%s\n' "$password" | mkpasswd -m sha512 -P 0)
-    [ -n "$hash" ] && sed -i "s|^root:[^:]*:|root:$hash:|" /etc/passwd
-fi
-unset password hash
 
 if [ "$ssh" = 1 ] && [ -x /usr/sbin/dropbear ]; then
     dropbear -R -p 22

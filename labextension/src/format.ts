@@ -1,0 +1,52 @@
+import { IMe, IVM } from './types';
+
+/** "45s", "3m 05s", "2h 03m", "1d 02h". */
+export function formatUptime(seconds: number): string {
+  const s = Math.max(0, Math.floor(seconds));
+  const pad = (n: number) => String(n).padStart(2, '0');
+  if (s < 60) {
+    return `${s}s`;
+  }
+  if (s < 3600) {
+    return `${Math.floor(s / 60)}m ${pad(s % 60)}s`;
+  }
+  if (s < 86400) {
+    return `${Math.floor(s / 3600)}h ${pad(Math.floor((s % 3600) / 60))}m`;
+  }
+  return `${Math.floor(s / 86400)}d ${pad(Math.floor((s % 86400) / 3600))}h`;
+}
+
+/** Credits as a person reads them: whole numbers plain, fractions to two places. */
+export function formatCredits(credits: number): string {
+  return String(Math.round(credits * 100) / 100);
+}
+
+/** "VMs 2/5 · RAM 1024/8192 MB" (plus CPU and disk when those have quotas). */
+export function formatQuota(me: IMe): string {
+  const { quota, usage } = me;
+  const parts = [
+    `VMs ${usage.vms}/${quota.max_vms}`,
+    `RAM ${usage.ram_mb}/${quota.max_ram_mb} MB`
+  ];
+  if (quota.max_cpu !== null && quota.max_cpu !== undefined) {
+    parts.push(`CPU ${usage.cpu}/${quota.max_cpu}`);
+  }
+  if (quota.max_disk_gb !== null && quota.max_disk_gb !== undefined) {
+    parts.push(`Disk ${usage.disk_gb}/${quota.max_disk_gb} GB`);
+  }
+  return parts.join(' · ');
+}
+
+/** "512 MB · 1 CPU · 10 GB · twarga/tiny". */
+export function formatSpec(vm: IVM): string {
+  const cpus = vm.cpu === 1 ? '1 CPU' : `${vm.cpu} CPUs`;
+  return `${vm.ram} MB · ${cpus} · ${vm.disk} GB · ${vm.image}`;
+}
+
+/** "127.0.0.1:2222", or null when the VM has no SSH port. */
+export function formatSSH(vm: IVM): string | null {
+  if (!vm.ssh_port) {
+    return null;
+  }
+  return `${vm.ssh_host ?? '127.0.0.1'}:${vm.ssh_port}`;
+}

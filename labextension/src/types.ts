@@ -1,0 +1,71 @@
+/** The shapes the Twarga REST API answers with (see DESIGN.md, "API contract"). */
+
+export type VMStatus =
+  | 'pending'
+  | 'starting'
+  | 'running'
+  | 'paused'
+  | 'stopping'
+  | 'stopped'
+  | 'error'
+  | 'destroying';
+
+export type VMAction = 'start' | 'stop' | 'restart' | 'destroy' | 'force-stop';
+
+export interface IVM {
+  id: number;
+  name: string;
+  owner: string;
+  status: VMStatus;
+  status_message: string | null;
+  image: string;
+  os_type: string;
+  ram: number;
+  cpu: number;
+  disk: number;
+  ip_address: string | null;
+  ssh_host: string | null;
+  ssh_port: number | null;
+  domain: string | null;
+  created_at: string;
+  started_at: string | null;
+  uptime: number;
+}
+
+export interface IQuota {
+  max_vms: number;
+  max_ram_mb: number;
+  max_cpu?: number | null;
+  max_disk_gb?: number | null;
+}
+
+export interface IUsage {
+  vms: number;
+  ram_mb: number;
+  cpu: number;
+  disk_gb: number;
+}
+
+export interface IMe {
+  name: string;
+  admin: boolean;
+  credits: number;
+  quota: IQuota;
+  usage: IUsage;
+}
+
+export interface IImage {
+  name: string;
+  kind: string;
+  os_type: string;
+  description: string;
+}
+
+/** What `POST twarga/api/vms` takes; omitted values take the server's defaults. */
+export interface ICreateVM {
+  name: string;
+  image?: string;
+  ram?: number;
+  cpu?: number;
+  disk?: number;
+}

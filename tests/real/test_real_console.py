@@ -1,0 +1,141 @@
+"""A terminado websocket on a real guest's serial console."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from tornado.httpclient import HTTPClientError
+
+from tests.helpers import wait_for, wait_status
+from tests.identity import auth
+from twarga_lab.db.models import Event
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture
+def twarga_config(real_image_dir: Path, real_vms_dir: Path) -> dict:
+    return {
+        "libvirt_uri": "qemu:///system",
+        "vms_dir": str(real_vms_dir),
+        "images_dir": str(real_image_dir),
+        "domain_prefix": f"twc{uuid.uuid4().hex[:6]}-",
+        "ssh_port_min": 23300,
+        "ssh_port_max": 23399,
+        "console_idle_timeout": 6.0,
+    }
+
+
+@pytest.fixture
+def booted_vm(api, twarga, jp_asyncio_loop):
+    """A running guest whose shell is up (its banner is in the console log)."""
+
+    async def boot():
+        reply = await api("POST", "vms", body={"name": "shell"})
+        vm = await wait_status(api, reply.json["id"], "running", timeout=90)
+        log = twarga.services.vms.instance_dir(vm["domain"]) / "console.log"
+
+        async def banner():
+            return log.exists() and "Twarga Lab VM shell is up" in log.read_text(errors="replace")
+
+        await wait_for(banner, timeout=90, interval=0.2)
+        return vm
+
+    vm = jp_asyncio_loop.run_until_complete(boot())
+    yield vm
+    jp_asyncio_loop.run_until_complete(api("DELETE", f"vms/{vm['id']}"))
+
+
+async def read_until(ws, pattern: str, timeout: float = 30.0) -> str:
+    """Collect stdout until ``pattern`` matches; fail at the deadline."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, seen):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {pattern!r} in {seen[-500:]!r}"
+        message = await asyncio.wait_for(ws.read_message(), remaining)
+        assert message is not None, f"socket closed; got {seen[-500:]!r}"
+        kind, *payload = json.loads(message)
+        if kind == "stdout":
+            seen += payload[0]
+    return seen
+
+
+async def closed(ws, timeout: float) -> list:
+    """Messages until the server closes the socket (fails at the deadline)."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
+        if message is None:
+            return got
+        got.append(json.loads(message))
+
+
+def console_url(vm):
+    return ("twarga", "api", "vms", str(vm["id"]), "console")
+
+
+async def test_echo_round_trip_and_events(jp_ws_fetch, booted_vm, twarga):
+    ws = await jp_ws_fetch(*console_url(booted_vm), headers=auth("alice-token"))
+    # Type only once virsh is attached: keys sent earlier never reach the guest.
+    await read_until(ws, "Escape character")
+    ws.write_message(json.dumps(["set_size", 24, 80]))
+    ws.write_message(json.dumps(["stdin", "\r"]))
+    ws.write_message(json.dumps(["stdin", "echo $((6*7))\r"]))
+    await read_until(ws, r"(^|\n)42\r?\n")
+    ws.close()
+
+    async def both_events():
+        with twarga.services.db.session() as session:
+            actions = session.scalars(
+                select(Event.details["action"].as_string()).where(Event.vm_id == booted_vm["id"])
+            ).all()
+        return "console_open" in actions and "console_close" in actions
+
+    await wait_for(both_events, timeout=5)
+
+
+async def test_others_are_refused_before_the_socket_opens(jp_ws_fetch, booted_vm):
+    with pytest.raises(HTTPClientError) as refused:
+        await jp_ws_fetch(*console_url(booted_vm), headers=auth("bob-token"))
+    assert refused.value.code == 404
+    with pytest.raises(HTTPClientError) as anonymous:
+        await jp_ws_fetch(*console_url(booted_vm), headers={"Authorization": ""})
+    assert anonymous.value.code == 401
+    with pytest.raises(HTTPClientError) as foreign:
+        evil = {**auth("alice-token"), "Origin": "http://evil.example"}
+        await jp_ws_fetch(*console_url(booted_vm), headers=evil)
+    assert foreign.value.code == 403
+    with pytest.raises(HTTPClientError) as in_url:
+        await jp_ws_fetch(*console_url(booted_vm), headers=auth("alice-token"),
+                          params={"token": "alice-token"})  # fmt: skip
+    assert in_url.value.code == 400
+
+
+async def test_new_session_takes_over_and_idle_sessions_close(jp_ws_fetch, booted_vm):
+    first = await jp_ws_fetch(*console_url(booted_vm), headers=auth("alice-token"))
+    await read_until(first, "Escape character")
+    second = await jp_ws_fetch(*console_url(booted_vm), headers=auth("admin-token"))
+    assert ["disconnect", 1] in await closed(first, timeout=10)
+    await read_until(second, "Escape character")
+    second.write_message(json.dumps(["stdin", "echo still-here\r"]))
+    await read_until(second, r"(^|\n)still-here\r?\n")
+    # No input for console_idle_timeout (6 s): the server closes the session.
+    started = time.monotonic()
+    assert ["disconnect", 1] in await closed(second, timeout=20)
+    assert time.monotonic() - started >= 5
+
+
+async def test_stopping_the_vm_closes_the_session(jp_ws_fetch, api, booted_vm):
+    ws = await jp_ws_fetch(*console_url(booted_vm), headers=auth("alice-token"))
+    await read_until(ws, "Escape character")
+    await api("POST", f"vms/{booted_vm['id']}/action", body={"action": "force-stop"})
+    assert ["disconnect", 1] in await closed(ws, timeout=15)

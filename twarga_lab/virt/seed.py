@@ -1,0 +1,117 @@
+"""The per-VM seed of the tiny image: root's SSH keys and password hash on a small disk.
+
+The kernel command line is short, visible in ``/proc/cmdline`` and in the domain XML, so
+secrets never go there. Instead each VM gets a read-only ISO 9660 disk (``vdb``) holding:
+
+``twarga-seed``
+    a marker, so /init only trusts a disk Twarga made;
+``authorized_keys``
+    the owner's OpenSSH public key(s), installed as ``/root/.ssh/authorized_keys``;
+``root-password.hash``
+    root's password as a SHA-512 crypt hash (``$6$salt$...``); the password itself is not
+    on the disk.
+
+The seed file is readable by root only; libvirt hands it to QEMU's user when the VM starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from twarga_lab.errors import BackendError
+
+SEED_LABEL = "TWARGASEED"
+MARKER_FILE = "twarga-seed"
+_CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# The byte order of SHA-512 crypt's final encoding (Drepper's specification).
+_SHA512_ORDER = (
+    (0, 21, 42), (22, 43, 1), (44, 2, 23), (3, 24, 45), (25, 46, 4), (47, 5, 26),
+    (6, 27, 48), (28, 49, 7), (50, 8, 29), (9, 30, 51), (31, 52, 10), (53, 11, 32),
+    (12, 33, 54), (34, 55, 13), (56, 14, 35), (15, 36, 57), (37, 58, 16), (59, 17, 38),
+    (18, 39, 60), (40, 61, 19), (62, 20, 41),
+)  # fmt: skip
+
+
+def generate_password() -> str:
+    """A random root password: 20 characters from a URL-safe alphabet (~120 bits)."""
+    return secrets.token_urlsafe(15)
+
+
+def _encode(value: int, length: int) -> str:
+    out = []
+    for _ in range(length):
+        out.append(_CRYPT_ALPHABET[value & 0x3F])
+        value >>= 6
+    return "".join(out)
+
+
+def sha512_crypt(password: str, salt: str | None = None) -> str:
+    """The glibc/libxcrypt ``$6$`` hash of ``password`` (5000 rounds), as /etc/passwd has it.
+
+    Pure Python (the ``crypt`` module is deprecated); checked against busybox ``mkpasswd``
+    in the tests.
+    """
+    salt = salt if salt is not None else "".join(secrets.choice(_CRYPT_ALPHABET) for _ in range(16))
+    p, s = password.encode(), salt.encode()[:16]
+    b = hashlib.sha512(p + s + p).digest()
+    a = hashlib.sha512(p + s)
+    a.update((b * (len(p) // 64 + 1))[: len(p)])
+    length = len(p)
+    while length:
+        a.update(b if length & 1 else p)
+        length >>= 1
+    a_digest = a.digest()
+    dp = hashlib.sha512(p * len(p)).digest()
+    p_bytes = (dp * (len(p) // 64 + 1))[: len(p)]
+    ds = hashlib.sha512(s * (16 + a_digest[0])).digest()
+    s_bytes = (ds * (len(s) // 64 + 1))[: len(s)]
+    c = a_digest
+    for i in range(5000):
+        h = hashlib.sha512(p_bytes if i & 1 else c)
+        if i % 3:
+            h.update(s_bytes)
+        if i % 7:
+            h.update(p_bytes)
+        h.update(c if i & 1 else p_bytes)
+        c = h.digest()
+    encoded = "".join(_encode((c[x] << 16) | (c[y] << 8) | c[z], 4) for x, y, z in _SHA512_ORDER)
+    encoded += _encode(c[63], 2)
+    return f"$6${s.decode()}${encoded}"
+
+
+def build_tiny_seed(
+    dest: Path, *, authorized_keys: list[str], root_password_hash: str | None
+) -> Path:
+    """Write the seed ISO for a tiny-image VM to ``dest`` (mode 0600, replaced atomically)."""
+    tool = shutil.which("genisoimage") or shutil.which("mkisofs")
+    if tool is None:
+        raise BackendError("genisoimage is missing: install Debian's genisoimage")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="twarga-seed-") as tmp:
+        staging = Path(tmp) / "seed"
+        staging.mkdir(mode=0o700)
+        (staging / MARKER_FILE).write_text("1\n")
+        keys = [k.strip() for k in authorized_keys if k and k.strip()]
+        if keys:
+            (staging / "authorized_keys").write_text("".join(f"{k}\n" for k in keys))
+        if root_password_hash:
+            (staging / "root-password.hash").write_text(root_password_hash + "\n")
+        partial = dest.with_name(f".{dest.name}.tmp")
+        try:
+            subprocess.run(
+                [tool, "-quiet", "-output", str(partial), "-volid", SEED_LABEL,
+                 "-rational-rock", "-input-charset", "utf-8", str(staging)],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        except subprocess.CalledProcessError as e:
+            partial.unlink(missing_ok=True)
+            raise BackendError(f"genisoimage failed: {e.stderr.decode(errors='replace')}") from e
+        partial.chmod(0o600)
+        os.replace(partial, dest)
+    return dest
