@@ -3,6 +3,7 @@ service, users' own servers, and isolation between users."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,25 @@ def test_a_users_own_server_reaches_the_service_with_no_arguments(hub):
         assert me.json()["name"] == name
         vms = httpx.get(f"{hub.url}/user/{name}/twarga/api/vms", headers=auth, timeout=60)
         assert [v["name"] for v in vms.json()] == ["from-hub"]
+        # The console websocket is forwarded too; someone else's VM is refused before it.
+        from websocket import WebSocketBadStatusException, create_connection
+
+        ws_base = hub.url.replace("http", "ws", 1)
+        vm_id = vms.json()[0]["id"]
+        ws = create_connection(
+            f"{ws_base}/user/{name}/twarga/api/vms/{vm_id}/console",
+            header=[f"Authorization: token {token}"], timeout=30,
+        )  # fmt: skip
+        assert json.loads(ws.recv()) == ["setup", {}]
+        ws.close()
+        _, other_token, _ = approved_user(hub, "ot")
+        other_vm = api(hub, other_token, "POST", "vms", {"name": "theirs"}).json()
+        with pytest.raises(WebSocketBadStatusException) as refused:
+            create_connection(
+                f"{ws_base}/user/{name}/twarga/api/vms/{other_vm['id']}/console",
+                header=[f"Authorization: token {token}"], timeout=30,
+            )  # fmt: skip
+        assert refused.value.status_code == 404
         # No host terminal in users' servers: the VM console is their terminal.
         terminals = httpx.get(f"{hub.url}/user/{name}/api/terminals", headers=auth, timeout=30)
         assert terminals.status_code == 404

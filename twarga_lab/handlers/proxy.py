@@ -4,11 +4,15 @@ personal and Hub mode while only the service touches libvirt and the database.""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import dataclass
+from typing import Any
 
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.utils import url_path_join
-from tornado import httpclient, web
+from tornado import httpclient, web, websocket
 
 # Headers worth passing back to the browser.
 PASSED_HEADERS = ("Content-Type", "Location", "Retry-After")
@@ -80,4 +84,76 @@ class TwargaProxyHandler(APIHandler):
         await self._forward(path)
 
 
-PROXY_ROUTES = [(r"/twarga/api/(?P<path>.*)", TwargaProxyHandler)]
+class TwargaConsoleProxy(WebSocketMixin, JupyterHandler, websocket.WebSocketHandler):
+    """Forwards a VM console websocket to the service, frame by frame.
+
+    The service's answer (404 for someone else's VM, 409 for a stopped one) is known
+    before the browser's socket is upgraded, so refusals stay plain HTTP errors.
+    """
+
+    upstream: websocket.WebSocketClientConnection | None = None
+
+    @property
+    def target(self) -> ProxyTarget:
+        return self.settings["twarga_lab_proxy"]
+
+    def skip_check_origin(self) -> bool:
+        return False  # a console is a keyboard: always check where the page came from
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        message = getattr(error, "log_message", None) or self._reason
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": message, "reason": self._reason.lower()}))
+
+    async def get(self, vm_id: str) -> None:  # type: ignore[override]
+        if "token" in self.request.query_arguments:
+            raise web.HTTPError(400, "send the token in the Authorization header, not the URL")
+        if not self.current_user:
+            raise web.HTTPError(401, "authentication required")
+        url = url_path_join(self.target.service_url, "twarga/api/vms", vm_id, "console")
+        request = httpclient.HTTPRequest(
+            url.replace("http", "ws", 1), headers={"Authorization": f"token {self.target.token}"}
+        )
+        try:
+            self.upstream = await websocket.websocket_connect(request)
+        except httpclient.HTTPClientError as e:
+            body = e.response.body if e.response is not None and e.response.body else b"{}"
+            try:
+                message = json.loads(body).get("message", e.message)
+            except ValueError:
+                message = e.message
+            raise web.HTTPError(e.code, message) from None
+        except OSError as e:
+            raise web.HTTPError(503, f"the twarga service is unreachable: {e}") from None
+        await super().get(vm_id)
+
+    def open(self, vm_id: str) -> None:  # type: ignore[override]
+        self._pump = asyncio.ensure_future(self._relay_from_upstream())
+
+    async def _relay_from_upstream(self) -> None:
+        assert self.upstream is not None
+        while True:
+            message = await self.upstream.read_message()
+            if message is None:
+                self.close()
+                return
+            try:
+                await self.write_message(message)
+            except websocket.WebSocketClosedError:
+                return
+
+    async def on_message(self, message: str | bytes) -> None:
+        if self.upstream is not None:
+            await self.upstream.write_message(message)
+
+    def on_close(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+
+
+PROXY_ROUTES = [
+    (r"/twarga/api/vms/(?P<vm_id>\d+)/console", TwargaConsoleProxy),
+    (r"/twarga/api/(?P<path>.*)", TwargaProxyHandler),
+]

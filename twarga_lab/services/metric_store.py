@@ -27,7 +27,7 @@ import threading
 import time
 import zlib
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -52,6 +52,29 @@ SPAN = {RAW: 600, MINUTE: 3600, HOUR: 86400}
 ROLLUP_COLUMNS = 4
 
 SeriesKey = tuple[str, int, str]  # (entity, entity_id, metric); the host is ("host", 0, ...)
+
+
+# Rows per executemany: each batch's parameter handling holds the GIL a few milliseconds.
+UPSERT_BATCH = 200
+# Work in a worker thread hands the GIL over at least this often (seconds), so the event
+# loop thread never waits the interpreter's 5 ms switch interval more than once.
+GIL_SLICE = 0.002
+
+
+def yield_gil_every(slice_seconds: float = GIL_SLICE) -> Callable[[], None]:
+    """A function to call between pieces of long work: after ``slice_seconds`` of it, it
+    sleeps a moment, which releases the GIL to a waiting thread (a bare ``sleep(0)`` may
+    take it straight back)."""
+    last = time.perf_counter()
+
+    def pace() -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= slice_seconds:
+            time.sleep(0.0001)
+            last = time.perf_counter()
+
+    return pace
 
 
 def clock() -> float:
@@ -169,26 +192,31 @@ class _RawBuffer:
 
 
 class _RollupBuffer:
-    """The open bucket of one rollup tier of one series: points by their timestamp, so a
-    point recomputed after a restart replaces the one read back."""
+    """The open bucket of one rollup tier of one series. A point merged again (recomputed
+    after a restart) replaces the one read back. Plain arrays, not Python objects per point:
+    nothing here for the garbage collector to walk."""
 
-    __slots__ = ("points", "start")
+    __slots__ = ("columns", "start", "ts")
 
     def __init__(self, start: int) -> None:
         self.start = start
-        self.points: dict[int, tuple[float, float, float, float]] = {}
+        self.ts = np.empty(0)
+        self.columns = np.empty((ROLLUP_COLUMNS, 0), dtype=np.float32)
 
     def merge(self, ts: np.ndarray, columns: np.ndarray) -> None:
-        self.points.update(
-            zip(ts.astype(np.int64).tolist(), zip(*columns.tolist(), strict=True), strict=True)
+        if not len(self.ts):
+            self.ts, self.columns = ts, columns
+            return
+        if len(ts) and ts[0] > self.ts[-1]:
+            self.ts = np.concatenate([self.ts, ts])  # the usual case: newer points
+            self.columns = np.hstack([self.columns, columns])
+            return
+        self.ts, self.columns = _dedupe(
+            np.concatenate([self.ts, ts]), np.hstack([self.columns, columns])
         )
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self.points:
-            return np.empty(0), np.empty((ROLLUP_COLUMNS, 0), dtype=np.float32)
-        keys = sorted(self.points)
-        columns = np.array([self.points[k] for k in keys], dtype=np.float32).T
-        return np.array(keys, dtype=np.float64), columns
+        return self.ts, self.columns
 
 
 def _concat(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -380,12 +408,15 @@ class MetricStore:
             if buffer.start + SPAN[RAW] <= now:
                 closed.append((sid, buffer))
                 del self._raw[sid]
+        pace = yield_gil_every()
         for sid, buffer in closed:
             ts, columns = buffer.arrays()
             rows.append(_row(sid, RAW, buffer.start, ts, columns))
             self._merge_up(sid, MINUTE, *rollup(ts, columns, MINUTE), rows)
+            pace()
         for sid, minute in list(self._minute.items()):
             if minute.start + SPAN[MINUTE] <= now:
+                pace()
                 del self._minute[sid]
                 ts, columns = minute.arrays()
                 rows.append(_row(sid, MINUTE, minute.start, ts, columns))
@@ -439,13 +470,16 @@ class MetricStore:
     def _upsert(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
+        pace = yield_gil_every()
         with self.db.engine.begin() as conn:
             stmt = _insert(conn, MetricChunk.__table__)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["series_id", "resolution", "start"],
                 set_={"count": stmt.excluded.count, "data": stmt.excluded.data},
             )
-            conn.execute(stmt, rows)
+            for first in range(0, len(rows), UPSERT_BATCH):
+                conn.execute(stmt, rows[first : first + UPSERT_BATCH])
+                pace()
 
     # -- reading ---------------------------------------------------------------------------
 

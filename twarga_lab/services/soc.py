@@ -54,13 +54,13 @@ NOT_ENFORCED = (
     "127.0.0.1 port forward, so a ban cannot single the attacker out"
 )
 _SSH_MESSAGES = {
-    SshEventKind.accepted: "SSH login to VM {vm} as {user} from {source} ({method})",
-    SshEventKind.failed: "failed SSH login to VM {vm} as {user} from {source} ({method})",
-    SshEventKind.invalid_user: "SSH login to VM {vm} as unknown user {user} from {source}",
-    SshEventKind.max_attempts: "too many SSH authentication failures on VM {vm} as {user} "
+    SshEventKind.accepted: "SSH login to {target} as {user} from {source} ({method})",
+    SshEventKind.failed: "failed SSH login to {target} as {user} from {source} ({method})",
+    SshEventKind.invalid_user: "SSH login to {target} as unknown user {user} from {source}",
+    SshEventKind.max_attempts: "too many SSH authentication failures on {target} as {user} "
     "from {source}",
-    SshEventKind.preauth_disconnect: "SSH connection to VM {vm} from {source} closed before login",
-    SshEventKind.session_closed: "SSH session on VM {vm} of {user} from {source} ended",
+    SshEventKind.preauth_disconnect: "SSH connection to {target} from {source} closed before login",
+    SshEventKind.session_closed: "SSH session on {target} of {user} from {source} ended",
 }
 
 
@@ -375,8 +375,11 @@ class SocService:
         ev = obs.event
         vm, matches = self._resolve_vm(session, obs)
         source = _valid_ip(ev.source)
-        vm_label = vm.name if vm is not None else (ev.hostname or "?")
-        owner = session.get(User, vm.owner_id).name if vm is not None else None  # type: ignore[union-attr]
+        host = ev.hostname or obs.peer or "?"
+        vm_id = vm.id if vm is not None else None
+        owner = vm.owner.name if vm is not None else None
+        target = f"VM {vm.name}" if vm is not None else f"host {host}"
+        where = {"vm_name": vm.name} if vm is not None else {"hostname": host}
         details: dict[str, Any] = {
             "action": f"ssh_{ev.kind.value}",
             "server": ev.server,
@@ -393,7 +396,7 @@ class SocService:
         }
         if vm is None and obs.vm_id is None and matches > 1:
             details["ambiguous_hostname"] = matches
-        scope = f"vm:{vm.id}" if vm is not None else f"host:{ev.hostname or obs.peer or '?'}"
+        scope = f"vm:{vm_id}" if vm_id is not None else f"host:{host}"
         outcome = None
         if details["counted"]:
             assert source is not None
@@ -404,12 +407,12 @@ class SocService:
             if ban is not None:
                 details["source_banned_until"] = ban.banned_until.isoformat()
         message = _SSH_MESSAGES[ev.kind].format(
-            vm=vm_label, user=ev.user or "?", source=source or "an unknown address",
+            target=target, user=ev.user or "?", source=source or "an unknown address",
             method=ev.method or "?",
         )  # fmt: skip
         record_event(
             session, EventType.security, Severity(ev.severity), message,
-            user_name=owner, vm_id=vm.id if vm is not None else None, source=source,
+            user_name=owner, vm_id=vm_id, source=source,
             **{k: v for k, v in details.items() if v is not None},
         )  # fmt: skip
         if outcome is None or not outcome.newly_banned:
@@ -418,16 +421,15 @@ class SocService:
         duration = self.policy.duration(outcome.ban_count).total_seconds()
         record_event(
             session, EventType.security, Severity.critical,
-            f"SSH brute force on VM {vm_label} from {source}: {outcome.failures_in_window} "
+            f"SSH brute force on {target} from {source}: {outcome.failures_in_window} "
             f"failures within {self.policy.findtime:g} s; ban #{outcome.ban_count} of "
             f"{duration:g} s until {outcome.banned_until.isoformat(timespec='seconds')} "
             "(recorded, not enforced)",
-            user_name=owner, vm_id=vm.id if vm is not None else None, source=source,
-            action="ssh_bruteforce", scope=scope, failures=outcome.failures_in_window,
+            user_name=owner, vm_id=vm_id, source=source, action="ssh_bruteforce", scope=scope, failures=outcome.failures_in_window,
             maxretry=self.policy.maxretry, findtime=self.policy.findtime,
             ban_count=outcome.ban_count, bantime=duration,
             banned_until=outcome.banned_until.isoformat(), enforced=False,
-            enforcement_note=NOT_ENFORCED, vm_name=vm_label,
+            enforcement_note=NOT_ENFORCED, **where,
         )  # fmt: skip
         return 2
 

@@ -337,6 +337,15 @@ class VMService:
     ) -> int:
         with self.db.session() as session:
             lock_user(session, user_id)  # quota checks of this user run one at a time
+            taken = session.scalar(
+                select(VM.id).where(
+                    VM.owner_id == user_id,
+                    VM.name == request.name,
+                    VM.status.in_(LIVE_STATUSES),
+                )
+            )
+            if taken is not None:
+                raise Conflict(f"you already have a VM named {request.name!r}", "name_taken")
             if balance_milli(session, user_id) <= 0:
                 raise QuotaExceeded("you have no credits left; ask an admin for more", "no_credits")
             quota = self.users.effective_quota(session, user_id)
@@ -363,15 +372,6 @@ class VMService:
                     f"{quota.max_disk_gb} GB",
                     "quota_exceeded",
                 )
-            taken = session.scalar(
-                select(VM.id).where(
-                    VM.owner_id == user_id,
-                    VM.name == request.name,
-                    VM.status.in_(LIVE_STATUSES),
-                )
-            )
-            if taken is not None:
-                raise Conflict(f"you already have a VM named {request.name!r}", "name_taken")
             vm = VM(
                 owner_id=user_id,
                 name=request.name,
