@@ -22,6 +22,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from twarga_lab.hub.spawn import prepare_user_home
+
 c = get_config()  # type: ignore[name-defined]  # noqa: F821
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,8 +93,7 @@ c.JupyterHub.load_roles = [
 c.JupyterHub.spawner_class = "jupyterhub.spawner.LocalProcessSpawner"
 c.Spawner.cmd = [str(VENV_BIN / "jupyterhub-singleuser")]
 c.Spawner.default_url = "/lab"
-# The VM console is a user's terminal; no shell on the host from their server either.
-c.Spawner.args = ["--ServerApp.terminals_enabled=False"]
+c.Spawner.args = [f"--config={REPO / 'hub_config' / 'user_server_config.py'}"]
 c.Spawner.notebook_dir = "~"
 c.Spawner.http_timeout = 60
 c.Spawner.start_timeout = 90
@@ -102,6 +103,8 @@ c.Spawner.server_token_scopes = [
     "users:activity!user",
     "access:services!service=twarga",
 ]
+# The Dashboard, Monitor, SOC, Admin and Python-API notebooks are there on first login.
+c.Spawner.pre_spawn_hook = prepare_user_home
 c.Spawner.environment = {
     "TWARGA_MODE": "proxy",
     "TWARGA_URL": f"{PUBLIC_URL}/services/twarga/",

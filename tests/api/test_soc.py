@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 from sqlalchemy import func, select
 
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wait_status
 from tests.identity import auth
 from twarga_lab.db import Database, Event
 from twarga_lab.db.models import utcnow
@@ -33,9 +33,10 @@ FAILED = (
 
 
 async def create_vm(api: Any, user: str, name: str) -> dict[str, Any]:
+    """A running VM (so no background event lands in the middle of a test's counting)."""
     reply = await api("POST", "vms", user=user, body={"name": name})
     assert reply.status == 201, reply.json
-    return reply.json
+    return await wait_status(api, reply.json["id"], "running", user=user)
 
 
 def send_udp(port: int, *lines: str) -> None:

@@ -57,8 +57,9 @@ def twarga_config() -> dict[str, Any]:
 
 
 @pytest.fixture
-def lab_as(twarga: Any, jp_http_port: int, jp_base_url: str) -> Any:
-    """``lab_as("alice")``: the notebook client against the in-process server."""
+def lab_as(twarga: Any, jp_fetch: Any, jp_http_port: int, jp_base_url: str) -> Any:
+    """``lab_as("alice")``: the notebook client against the in-process server (``jp_fetch``
+    makes pytest-jupyter listen on its port)."""
     labs: list[Lab] = []
 
     def make(user: str) -> Lab:
@@ -187,7 +188,7 @@ def test_console_text_strips_escapes_and_applies_backspaces():
 
 async def test_create_form_shows_each_error_next_to_its_field(lab_as):
     dash = VMDashboard(lab_as("alice"))
-    assert await run(dash.refresh)
+    assert await run(dash.refresh), dash.error
     assert "twarga/tiny" in state(dash.fields["image"], "_options_labels")
     dash.fields["name"].value = "Bad Name"
     await run(dash.create_button.click)

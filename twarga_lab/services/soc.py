@@ -425,7 +425,8 @@ class SocService:
             f"failures within {self.policy.findtime:g} s; ban #{outcome.ban_count} of "
             f"{duration:g} s until {outcome.banned_until.isoformat(timespec='seconds')} "
             "(recorded, not enforced)",
-            user_name=owner, vm_id=vm_id, source=source, action="ssh_bruteforce", scope=scope, failures=outcome.failures_in_window,
+            user_name=owner, vm_id=vm_id, source=source, action="ssh_bruteforce", scope=scope,
+            failures=outcome.failures_in_window,
             maxretry=self.policy.maxretry, findtime=self.policy.findtime,
             ban_count=outcome.ban_count, bantime=duration,
             banned_until=outcome.banned_until.isoformat(), enforced=False,

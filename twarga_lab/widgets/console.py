@@ -58,7 +58,7 @@ class ConsoleWidget(widgets.VBox):
 
     Type a line and press Enter to send it (with a carriage return); "Ctrl-C" interrupts;
     "Reconnect" opens a new session (one per VM: it takes over from any other).
-    ``send_line()``, ``interrupt()``, ``wait_for()`` and ``close()`` do the same from code.
+    ``send_line()``, ``interrupt()``, ``wait_for()`` and ``disconnect()`` do it from code.
     """
 
     rows = Int(24, help="Terminal rows told to the console.")
@@ -98,8 +98,8 @@ class ConsoleWidget(widgets.VBox):
         self.ctrl_c_button.on_click(lambda _: self.interrupt())
         self.reconnect_button = widgets.Button(description="Reconnect", icon="plug")
         self.reconnect_button.on_click(lambda _: self.connect())
-        self.close_button = widgets.Button(description="Close", icon="times")
-        self.close_button.on_click(lambda _: self.close())
+        self.close_button = widgets.Button(description="Disconnect", icon="times")
+        self.close_button.on_click(lambda _: self.disconnect())
         self.children = [
             widgets.HBox([self.header, self.status]),
             self.screen,
@@ -123,7 +123,7 @@ class ConsoleWidget(widgets.VBox):
 
     def connect(self) -> bool:
         """Open (or reopen) the console; False with the reason in ``status`` if it fails."""
-        self.close()
+        self.disconnect()
         self.status.value = "<i>connecting…</i>"
         try:
             ws = self._open(self.timeout)
@@ -136,15 +136,15 @@ class ConsoleWidget(widgets.VBox):
         ws.settimeout(None)  # the reader blocks until the VM says something
         self._ws = ws
         self.connected = True
-        self._send(["set_size", self.rows, self.cols])
+        self._send_message(["set_size", self.rows, self.cols])
         self._reader = threading.Thread(
             target=self._read, args=(ws,), name=f"console-{self.vm.name}", daemon=True
         )
         self._reader.start()
         return True
 
-    def close(self) -> None:
-        """Close the session (the VM keeps running)."""
+    def disconnect(self) -> None:
+        """End the session (the VM keeps running)."""
         ws, self._ws = self._ws, None
         if ws is not None:
             # A close frame for the service, then wake the reader blocked in recv().
@@ -187,22 +187,22 @@ class ConsoleWidget(widgets.VBox):
 
     # -- input -----------------------------------------------------------------------------
 
-    def _send(self, message: list[Any]) -> None:
+    def _send_message(self, message: list[Any]) -> None:
         if self._ws is None:
             raise ConnectionError("the console is not connected: click Reconnect")
         self._ws.send(json.dumps(message))
 
-    def send(self, text: str) -> None:
+    def write(self, text: str) -> None:
         """Type ``text`` as it is."""
-        self._send(["stdin", text])
+        self._send_message(["stdin", text])
 
     def send_line(self, line: str) -> None:
         """Type ``line`` and press Enter."""
-        self.send(line + "\r")
+        self.write(line + "\r")
 
     def interrupt(self) -> None:
         """Press Ctrl-C."""
-        self.send("\x03")
+        self.write("\x03")
 
     def _on_input_msg(self, _: Any, content: dict[str, Any], buffers: Any) -> None:
         if content.get("event") == "submit":

@@ -1,0 +1,189 @@
+"""The whole journey in Debian's Chromium through the real Hub and a real guest: sign up,
+the admin approves, log in, JupyterLab opens, a VM is created from the panel and runs, its
+console tab shows a typed command's output, and the Dashboard notebook renders its widgets
+and a chart. Screenshots of each step go to ``test-artifacts/browser/hub-journey/``."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+from tests.hub.conftest import ADMIN_PASSWORD, HubProcess, free_port
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.real]
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+ARTIFACTS = REPO / "test-artifacts" / "browser" / "hub-journey"
+PASSWORD = "Journey-Horse-42-Staple"
+SLOW = 120_000  # ms: a cold server spawn and a TCG boot on two busy cores
+
+
+@pytest.fixture
+def jp_asyncio_loop() -> None:
+    """Playwright's sync API owns this thread's loop (overrides pytest-jupyter's fixture)."""
+    return None
+
+
+@pytest.fixture
+def jp_server_cleanup() -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def real_hub() -> Iterator[HubProcess]:
+    images = Path(os.environ.get("TWARGA_IMAGES_DIR", REPO / "vms" / "images"))
+    if not (images / "twarga" / "tiny" / "image.json").exists():
+        pytest.fail(f"no twarga/tiny under {images}: run `make image` (make test does)")
+    root = Path("/tmp") / f"twarga-journey-{uuid.uuid4().hex[:8]}"
+    root.mkdir(mode=0o755)
+    (root / "private").mkdir(mode=0o700)
+    hub_port, api_port, service_port = free_port(), free_port(), free_port()
+    while len({hub_port, api_port, api_port + 1, service_port}) < 4:
+        api_port = free_port()
+    prefix = f"twj{uuid.uuid4().hex[:6]}-"
+    env = {
+        **os.environ,
+        "TWARGA_HUB_PORT": str(hub_port),
+        "TWARGA_HUB_API_PORT": str(api_port),
+        "TWARGA_SERVICE_PORT": str(service_port),
+        "TWARGA_STATE_DIR": str(root / "private"),
+        "TWARGA_DB_URL": f"sqlite:///{root / 'private' / 'twarga.db'}",
+        "TWARGA_VMS_DIR": str(root / "vms"),
+        "TWARGA_IMAGES_DIR": str(images),
+        "TWARGA_LIBVIRT_URI": "qemu:///system",
+        "TWARGA_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "TWARGA_EXTRA_SERVICE_ARGS": f"--TwargaLabApp.domain_prefix={prefix} "
+        "--TwargaLabApp.ssh_port_min=23600 --TwargaLabApp.ssh_port_max=23699",
+    }
+    subprocess.run([str(Path(sys.executable).parent / "twarga-lab"), "create-admin"],
+                   env=env, check=True, capture_output=True)  # fmt: skip
+    hub = HubProcess(env, root)
+    hub.start()
+    yield hub
+    hub.stop()
+    listing = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                             capture_output=True, text=True)  # fmt: skip
+    for name in listing.stdout.split():
+        if name.startswith(prefix):
+            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True)
+            subprocess.run(["virsh", "-c", "qemu:///system", "undefine", name], capture_output=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(hub.log, ARTIFACTS / "hub.log")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def log_in(page: Any, hub: HubProcess, name: str, password: str) -> None:
+    page.goto(f"{hub.url}/hub/login")
+    page.locator("#username_input").fill(name)
+    page.locator("#password_input").fill(password)
+    page.locator("#login_submit").click()
+
+
+def test_the_whole_journey(browser: Any, real_hub: HubProcess) -> None:
+    hub = real_hub
+    name = f"jo{uuid.uuid4().hex[:6]}"
+    user = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = user.new_page()
+    page.set_default_timeout(SLOW)
+    try:
+        # 1. Sign up.
+        page.goto(f"{hub.url}/hub/login")
+        page.locator("#twarga-signup").click()
+        page.locator("#username_input").fill(name)
+        page.locator("#password_input").fill(PASSWORD)
+        page.locator("#password_confirm_input").fill(PASSWORD)
+        page.locator("#signup_submit").click()
+        expect(page.locator("#twarga-signup-done")).to_contain_text("approval")
+        shot(page, "01-signed-up")
+
+        # 2. The admin approves.
+        admin = browser.new_context().new_page()
+        log_in(admin, hub, "admin", ADMIN_PASSWORD)
+        admin.goto(f"{hub.url}/hub/twarga-accounts")
+        row = admin.locator(f'tr[data-account="{name}"]')
+        row.get_by_role("button", name="Approve").click()
+        expect(admin.locator("#twarga-notice")).to_contain_text(f"{name} is approved")
+        shot(admin, "02-admin-approved")
+        admin.context.close()
+
+        # 3. Log in: the Hub spawns JupyterLab as the user's own account.
+        log_in(page, hub, name, PASSWORD)
+        page.wait_for_url(re.compile(rf"/user/{name}/lab"), timeout=SLOW)
+        page.locator(".jp-LabShell").wait_for()
+        shot(page, "03-jupyterlab")
+
+        # 4. Create a VM from the panel and see it running.
+        panel = page.locator(".twarga-panel")
+        if not panel.is_visible():
+            page.locator('.lm-TabBar-tab[data-id="twarga-lab-panel"]').click()
+        expect(panel).to_have_attribute("data-service", "up")
+        panel.locator('input[name="name"]').fill("web-1")
+        panel.locator('[data-action="create"]').click()
+        vm = panel.locator('.twarga-vm[data-vm-name="web-1"]')
+        expect(vm.locator(".twarga-vm-status")).to_have_text("running", timeout=SLOW)
+        shot(page, "04-vm-running")
+
+        # 5. Its console tab shows the output of a typed command.
+        vm.locator('[data-action="console"]').click()
+        console = page.locator(".twarga-console:visible")
+        expect(console).to_have_attribute("data-state", "connected")
+        rows = console.locator(".xterm-rows")
+        expect(rows).to_contain_text("Escape character")
+        console.locator(".xterm").click()
+        expect(rows).to_contain_text("is up", timeout=SLOW)  # the guest's boot banner
+        page.keyboard.press("Enter")
+        expect(rows).to_contain_text(re.compile(r"root@web-1:~#"))
+        page.keyboard.type("echo $((6*7))")
+        page.keyboard.press("Enter")
+        expect(rows).to_contain_text(re.compile(r"echo \$\(\(6\*7\)\)\s*42"))
+        shot(page, "05-console")
+
+        # 6. The Dashboard notebook runs and renders its widgets and a chart.
+        page.get_by_role("menuitem", name="File").click()
+        page.get_by_role("menuitem", name="New Launcher").click()
+        section = page.locator(".jp-Launcher:visible .jp-Launcher-section").filter(
+            has=page.locator(".jp-Launcher-sectionTitle", has_text="Twarga Lab")
+        )
+        section.locator(".jp-LauncherCard", has_text="Dashboard").click()
+        notebook = page.locator(".jp-NotebookPanel:visible")
+        expect(notebook).to_be_visible()
+        expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
+            1, timeout=SLOW
+        )
+        page.get_by_role("menuitem", name="Run").click()
+        page.get_by_role("menuitem", name="Run All Cells").click()
+        output = notebook.locator(".jp-OutputArea-output")
+        expect(output.locator(".widget-box").first).to_be_visible(timeout=SLOW)
+        expect(output.locator("text=web-1").first).to_be_visible(timeout=SLOW)
+        expect(output.locator(".bqplot svg, svg.svg-figure").first).to_be_visible(timeout=SLOW)
+        shot(page, "06-dashboard")
+    finally:
+        shot(page, "99-last")
+        user.close()
