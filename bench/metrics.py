@@ -143,13 +143,14 @@ def boot_guests(conn: libvirt.virConnect, work: Path, prefix: str, count: int) -
     return logs
 
 
-def wait_booted(logs: list[Path], timeout: float = 240.0) -> None:
+def wait_booted(logs: list[Path], timeout: float = 300.0) -> int:
+    """How many guests printed their banner (all, unless the host is too busy)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(p.exists() and "is up" in p.read_text(errors="replace") for p in logs):
-            return
+    while True:
+        up = sum(p.exists() and "is up" in p.read_text(errors="replace") for p in logs)
+        if up == len(logs) or time.monotonic() > deadline:
+            return up
         time.sleep(0.5)
-    raise TimeoutError("the guests did not boot")
 
 
 def bench_fast_path(guests: int) -> None:
@@ -180,9 +181,9 @@ def bench_fast_path(guests: int) -> None:
     conn = libvirt.open("qemu:///system")
     try:
         t = time.perf_counter()
-        wait_booted(boot_guests(conn, work, prefix, guests))
+        up = wait_booted(boot_guests(conn, work, prefix, guests))
         time.sleep(10)  # let the boot load settle
-        print(f"  ({guests} real guests booted in {time.perf_counter() - t:.0f} s)")
+        print(f"  ({up} of {guests} real guests booted in {time.perf_counter() - t:.0f} s)")
         compare_fast("qemu:///system", prefix, "qemu:///system, real guests", runs=15)
         state_only = median_ms(
             lambda: conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE), runs=15

@@ -3,6 +3,7 @@ not write) and the guest's own serial console log."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import uuid
 from pathlib import Path
@@ -103,3 +104,20 @@ async def test_virsh_destroy_behind_our_back_is_noticed(api, twarga, cleanup_dom
     assert "outside Twarga" in event.message
     assert "destroyed" in event.message
     assert (await api("DELETE", f"vms/{vm['id']}")).status == 204
+
+
+async def test_the_service_reconnects_after_libvirtd_restarts(api, twarga, cleanup_domains):
+    reply = await api("POST", "vms", body={"name": "survivor"})
+    vm = await wait_status(api, reply.json["id"], "running", timeout=BOOT_TIMEOUT)
+    reconnected = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    twarga.services.backend.add_reconnect_listener(
+        lambda: loop.call_soon_threadsafe(reconnected.set)
+    )
+    subprocess.run(["pkill", "-x", "libvirtd"], check=True)
+    subprocess.run(["libvirtd", "-d"], check=True)  # no systemd here: start it by hand
+    await asyncio.wait_for(reconnected.wait(), timeout=60)
+    # Guests outlive libvirtd, and lifecycle events flow again on the new connection.
+    assert domstate(vm["domain"]) == "running"
+    assert virsh("destroy", vm["domain"]).returncode == 0
+    await wait_status(api, vm["id"], "stopped", timeout=10)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import queue
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -106,11 +107,33 @@ def test_uptime_rates_and_credits_read_like_people_write_them():
 
 def test_vm_rows_show_status_address_ssh_and_uptime():
     vms = [
-        {"id": 1, "name": "web", "owner": "alice", "status": "running", "ip_address": "10.0.2.15",
-         "ssh_port": 22001, "uptime": 65, "cpu": 1, "ram": 512, "disk": 10, "image": "twarga/tiny"},
-        {"id": 2, "name": "db", "owner": "bob", "status": "error", "status_message": "no disk",
-         "ip_address": None, "ssh_port": None, "uptime": None, "cpu": 2, "ram": 1024, "disk": 20},
-    ]  # fmt: skip
+        {
+            "id": 1,
+            "name": "web",
+            "owner": "alice",
+            "status": "running",
+            "ip_address": "10.0.2.15",
+            "ssh_port": 22001,
+            "uptime": 65,
+            "cpu": 1,
+            "ram": 512,
+            "disk": 10,
+            "image": "twarga/tiny",
+        },
+        {
+            "id": 2,
+            "name": "db",
+            "owner": "bob",
+            "status": "error",
+            "status_message": "no disk",
+            "ip_address": None,
+            "ssh_port": None,
+            "uptime": None,
+            "cpu": 2,
+            "ram": 1024,
+            "disk": 20,
+        },
+    ]
     rows = vm_rows(vms, owner=True)
     assert rows[0]["SSH"] == "127.0.0.1:22001"
     assert rows[0]["Uptime"] == "1m 05s"
@@ -125,9 +148,13 @@ def test_vm_rows_show_status_address_ssh_and_uptime():
 
 
 def test_account_and_user_rows_show_quota_use():
-    me = {"name": "alice", "admin": False, "credits": 990.5,
-          "quota": {"max_vms": 5, "max_ram_mb": 8192, "max_cpu": None, "max_disk_gb": None},
-          "usage": {"vms": 1, "ram_mb": 512, "cpu": 1, "disk_gb": 10}}  # fmt: skip
+    me = {
+        "name": "alice",
+        "admin": False,
+        "credits": 990.5,
+        "quota": {"max_vms": 5, "max_ram_mb": 8192, "max_cpu": None, "max_disk_gb": None},
+        "usage": {"vms": 1, "ram_mb": 512, "cpu": 1, "disk_gb": 10},
+    }
     line = account_summary(me)
     assert "990.5" in line and "VMs 1 / 5" in line and "RAM 512 / 8192 MB" in line
     assert "vCPUs 1 / ∞" in line
@@ -153,18 +180,28 @@ def test_errors_are_placed_next_to_their_field():
 def test_events_merge_newest_first_and_stats_become_bars():
     old = [{"id": 3}, {"id": 2}]
     assert [e["id"] for e in merge_events(old, [{"id": 4}, {"id": 5}], limit=3)] == [5, 4, 3]
-    rows = event_rows([{"id": 1, "created_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
-                        "severity": "critical", "type": "security", "message": "ban",
-                        "user_name": None, "vm_id": 7.0, "source": "10.0.2.2"}])  # fmt: skip
+    rows = event_rows(
+        [
+            {
+                "id": 1,
+                "created_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+                "severity": "critical",
+                "type": "security",
+                "message": "ban",
+                "user_name": None,
+                "vm_id": 7.0,
+                "source": "10.0.2.2",
+            }
+        ]
+    )
     assert rows[0]["Time"] == "2026-01-02 03:04:05" and rows[0]["VM"] == "7"
     assert count_bars({"warning": 2, "info": 5, "odd": 1}, ("info", "warning", "critical")) == (
         ["info", "warning", "odd"],
         [5, 2, 1],
     )
     hours, stacks = timeline(
-        [{"start": "2026-01-02T03:00:00+00:00", "count": 3, "info": 2, "warning": 0,
-          "critical": 1}]
-    )  # fmt: skip
+        [{"start": "2026-01-02T03:00:00+00:00", "count": 3, "info": 2, "warning": 0, "critical": 1}]
+    )
     assert hours == ["03:00"] and stacks == [[2], [0], [1]]
 
 
@@ -250,6 +287,22 @@ async def test_actions_stop_and_start_the_chosen_vm(lab_as, api):
     await run(dash.actions.buttons["start"].click)
     await wait_status(api, reply.json["id"], "running")
     assert "box is" in state(dash.actions.result)
+
+
+async def test_clicks_on_the_kernel_loop_do_not_block_it(lab_as, api):
+    """In a kernel, click handlers run on the event loop: the client calls go to a thread
+    and the click returns at once (here the loop also serves the API)."""
+    dash = VMDashboard(lab_as("alice"))
+    dash.fields["name"].value = "async-1"
+    dash.create_button.click()  # on the loop: would deadlock if it called the API inline
+    assert state(dash.create_button, "disabled")
+
+    async def listed() -> bool:
+        return "async-1" in state(dash.table)
+
+    await wait_for(listed, timeout=10)
+    assert not state(dash.create_button, "disabled")
+    assert [vm["name"] for vm in (await api("GET", "vms")).json] == ["async-1"]
 
 
 async def test_service_down_message_then_recovery(lab_as):
@@ -427,11 +480,24 @@ class FakeConsoleSocket:
         self.incoming.put(None)
 
 
+def wait_sent(fake: FakeConsoleSocket, message: list[Any]) -> None:
+    deadline = time.monotonic() + 5
+    while message not in fake.sent:
+        assert time.monotonic() < deadline, fake.sent
+        time.sleep(0.01)
+
+
 def test_console_widget_types_reads_and_shows_the_disconnect():
     fake = FakeConsoleSocket()
     vm = VM(Lab("http://127.0.0.1:1/", "t"), {"id": 1, "name": "web", "status": "running"})
     console = ConsoleWidget(vm, connect=lambda timeout: fake)
-    assert console.connected and fake.sent[0] == ["set_size", 24, 100]
+    assert console.connected and fake.sent == [["set_size", 24, 100]]
+    # Typed before virsh is attached: held back, then sent after an Enter for the prompt.
+    console.send_line("id")
+    assert fake.sent == [["set_size", 24, 100]]
+    fake.incoming.put(json.dumps(["stdout", "Escape character is ^] (Ctrl + ])\r\n"]))
+    wait_sent(fake, ["stdin", "id\r"])
+    assert fake.sent[1:] == [["stdin", "\r"], ["stdin", "id\r"]]
     fake.incoming.put(json.dumps(["stdout", "\x1b[1mroot@web\x1b[0m:~# "]))
     console.wait_for("root@web:~# ", timeout=5)
     assert "root@web:~# " in state(console.screen) and "\x1b" not in state(console.screen)
@@ -445,6 +511,16 @@ def test_console_widget_types_reads_and_shows_the_disconnect():
     assert not console.connected
     assert DISCONNECTED in state(console.status)
     assert state(console.ctrl_c_button, "disabled")
+
+
+def test_console_input_goes_out_after_the_attach_timeout_without_a_banner():
+    fake = FakeConsoleSocket()
+    vm = VM(Lab("http://127.0.0.1:1/", "t"), {"id": 1, "name": "web", "status": "running"})
+    console = ConsoleWidget(vm, connect=lambda timeout: fake, attach_timeout=0.1)
+    console.send_line("ls")
+    wait_sent(fake, ["stdin", "ls\r"])
+    console.disconnect()
+    assert not console.connected
 
 
 def test_console_widget_says_why_it_cannot_connect():
@@ -465,3 +541,13 @@ async def test_console_of_someone_elses_vm_is_refused(lab_as, api):
     assert isinstance(console, ConsoleWidget)
     assert not console.connected
     assert "404" in state(console.status)
+
+
+def test_quota_use_bars_are_percent_of_each_limit():
+    from twarga_lab.widgets.data import quota_use
+
+    me = {
+        "quota": {"max_vms": 5, "max_ram_mb": 8192, "max_cpu": None},
+        "usage": {"vms": 1, "ram_mb": 2048, "cpu": 2},
+    }
+    assert quota_use(me) == (["VMs", "RAM"], [20.0, 25.0])

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,7 +79,8 @@ class SyslogIngest:
         self.batch = batch
         self.dropped = 0
         self.recorded = 0
-        self._queue: asyncio.Queue[tuple[Origin, bytes]] = asyncio.Queue(queue_size)
+        # None is the consumer's signal to finish what is queued and stop.
+        self._queue: asyncio.Queue[tuple[Origin, bytes] | None] = asyncio.Queue(queue_size)
         self._parsers: dict[int | None, SshLogParser] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -91,27 +93,21 @@ class SyslogIngest:
             if self.dropped in (1, 1000) or self.dropped % 100000 == 0:
                 log.warning("syslog queue full: %d lines dropped so far", self.dropped)
 
-    def forget(self, vm_id: int) -> None:
-        """Drop what the parser remembers about a VM's stream (it stopped)."""
-        self._parsers.pop(vm_id, None)
-
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self._consume())
 
     async def stop(self) -> None:
-        """Stop consuming, after recording what is already queued."""
-        if self._task is not None:
+        """Record what is already queued, then stop (cancel if the queue is full)."""
+        if self._task is None:
+            return
+        try:
+            self._queue.put_nowait(None)
+        except asyncio.QueueFull:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        items = []
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        observations = [o for o in (self._observe(*item) for item in items) if o]
-        if observations:
-            self.recorded += await asyncio.to_thread(self.soc.record_ssh, observations)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
 
     def _observe(self, origin: Origin, line: bytes) -> SshObservation | None:
         # Network streams share one parser: it keys dropbear pids by hostname itself.
@@ -124,18 +120,29 @@ class SyslogIngest:
             return None
         return SshObservation(event, origin.channel, origin.vm_id, origin.peer)
 
+    def _process(self, items: list[tuple[Origin, bytes]]) -> int:
+        # In a worker thread, one batch at a time: parsing stays off the event loop, and
+        # the parsers are only ever touched here.
+        observations = [o for o in (self._observe(*item) for item in items) if o]
+        return self.soc.record_ssh(observations) if observations else 0
+
     async def _consume(self) -> None:
-        while True:
-            items = [await self._queue.get()]
-            while len(items) < self.batch and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            observations = [o for o in (self._observe(*item) for item in items) if o]
-            if not observations:
-                continue
+        finished = False
+        while not finished:
+            item = await self._queue.get()
+            items: list[tuple[Origin, bytes]] = []
+            while True:
+                if item is None:
+                    finished = True
+                    break
+                items.append(item)
+                if len(items) >= self.batch or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
             try:
-                self.recorded += await asyncio.to_thread(self.soc.record_ssh, observations)
+                self.recorded += await asyncio.to_thread(self._process, items)
             except Exception:
-                log.exception("could not record %d SSH events", len(observations))
+                log.exception("could not record a batch of %d syslog lines", len(items))
 
 
 def split_lines(buffer: bytearray, feed: Callable[[bytes], None]) -> None:
@@ -246,6 +253,31 @@ class SyslogReceiver:
         return True
 
 
+class LineBudget:
+    """At most ``rate`` lines a second (bursts of ``burst``) from one guest; the rest is
+    dropped, so a guest flooding its channel cannot flood the database."""
+
+    def __init__(
+        self, feed: Callable[[bytes], None], name: str, rate: float = 1000, burst: float = 5000
+    ) -> None:
+        self.feed, self.name, self.rate, self.burst = feed, name, rate, burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+        self.dropped = 0
+
+    def __call__(self, line: bytes) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.feed(line)
+            return
+        self.dropped += 1
+        if self.dropped in (1, 10000) or self.dropped % 1000000 == 0:
+            log.warning("%s floods its syslog channel: %d lines dropped", self.name, self.dropped)
+
+
 class GuestChannels:
     """One reader per running VM on its syslog channel's UNIX socket."""
 
@@ -265,10 +297,28 @@ class GuestChannels:
         """Follow libvirt's lifecycle events; attach to every VM running now."""
         self._loop = asyncio.get_running_loop()
         self.backend.add_lifecycle_listener(self._on_lifecycle_thread)
-        states = await asyncio.to_thread(self.backend.states, self.domain_prefix)
+        add_reconnect = getattr(self.backend, "add_reconnect_listener", None)
+        if add_reconnect is not None:
+            add_reconnect(self._on_reconnect_thread)
+        await self.attach_running()
+
+    async def attach_running(self) -> None:
+        """Attach to every running Twarga domain (at start and after libvirt came back)."""
+        try:
+            states = await asyncio.to_thread(self.backend.states, self.domain_prefix)
+        except TwargaError as e:
+            log.warning("cannot list domains for their syslog channels: %s", e.message)
+            return
         for domain, state in states.items():
             if state is DomainState.running:
                 self.attach(domain)
+
+    def _on_reconnect_thread(self) -> None:
+        if self._loop is not None and not self._closing:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(
+                    lambda: asyncio.ensure_future(self.attach_running())
+                )
 
     async def stop(self) -> None:
         self._closing = True
@@ -330,7 +380,9 @@ class GuestChannels:
             delay = 0.1
             log.info("reading the syslog channel of %s", domain)
             self.connected[domain].set()
-            feed = functools.partial(self.ingest.feed, Origin("virtio", vm_id=vm_id))
+            feed = LineBudget(
+                functools.partial(self.ingest.feed, Origin("virtio", vm_id=vm_id)), domain
+            )
             buffer = bytearray()
             try:
                 while chunk := await reader.read(65536):
@@ -341,7 +393,6 @@ class GuestChannels:
             finally:
                 self.connected[domain].clear()
                 writer.close()
-                self.ingest.forget(vm_id)
             await asyncio.sleep(0.2)  # QEMU closed it: stopped, or restarted under us
 
 

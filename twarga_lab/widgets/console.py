@@ -18,11 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
-from traitlets import Bool, Int, Unicode
+from traitlets import Bool, Float, Int, Unicode
 
 from twarga_lab.client import ANSI_RE
 
 DISCONNECTED = "[disconnected]"
+# What `virsh console` prints once it is attached: input typed before it would be lost.
+ATTACHED_RE = re.compile(r"Escape character is")
 # Other control characters a serial console sends that a <pre> cannot show.
 _CONTROL_RE = re.compile(r"[\x00-\x07\x0b-\x1f\x7f]")
 
@@ -66,6 +68,7 @@ class ConsoleWidget(widgets.VBox):
     max_chars = Int(20000, help="How much output the screen keeps.")
     text = Unicode("", help="The output so far, as plain text.")
     connected = Bool(False, help="Whether the websocket is open.")
+    attach_timeout = Float(5.0, help="Seconds to hold typed input back while the console attaches.")
 
     def __init__(
         self,
@@ -81,6 +84,10 @@ class ConsoleWidget(widgets.VBox):
         self.timeout = timeout
         self._ws: Any = None
         self._reader: threading.Thread | None = None
+        # Input typed before the console is attached waits here (see ATTACHED_RE).
+        self._attached = False
+        self._pending: list[str] = []
+        self._banner = ""
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self.header = widgets.HTML(f"<b>Console of {html.escape(str(vm.name))}</b>")
@@ -134,9 +141,14 @@ class ConsoleWidget(widgets.VBox):
             )
             return False
         ws.settimeout(None)  # the reader blocks until the VM says something
-        self._ws = ws
+        with self._lock:
+            self._ws = ws
+            self._attached, self._pending, self._banner = False, [], ""
         self.connected = True
         self._send_message(["set_size", self.rows, self.cols])
+        timer = threading.Timer(self.attach_timeout, self._attach, args=(ws,))
+        timer.daemon = True
+        timer.start()
         self._reader = threading.Thread(
             target=self._read, args=(ws,), name=f"console-{self.vm.name}", daemon=True
         )
@@ -184,6 +196,22 @@ class ConsoleWidget(widgets.VBox):
         with self._changed:
             self.text = console_text(self.text, chunk, self.max_chars)
             self._changed.notify_all()
+            if not self._attached:
+                self._banner = (self._banner + chunk)[-1000:]
+                if ATTACHED_RE.search(ANSI_RE.sub("", self._banner)):
+                    self._attach(self._ws)
+
+    def _attach(self, ws: Any) -> None:
+        """The console is attached (or the wait is over): send what was typed so far,
+        after an Enter that brings up the shell's prompt."""
+        with self._lock:
+            if self._attached or ws is None or self._ws is not ws:
+                return
+            self._attached = True
+            pending, self._pending = self._pending, []
+            for text in ["\r", *pending]:
+                with contextlib.suppress(Exception):  # the session just ended
+                    ws.send(json.dumps(["stdin", text]))
 
     # -- input -----------------------------------------------------------------------------
 
@@ -193,7 +221,11 @@ class ConsoleWidget(widgets.VBox):
         self._ws.send(json.dumps(message))
 
     def write(self, text: str) -> None:
-        """Type ``text`` as it is."""
+        """Type ``text`` as it is (held back until the console is attached)."""
+        with self._lock:
+            if self._ws is not None and not self._attached:
+                self._pending.append(text)
+                return
         self._send_message(["stdin", text])
 
     def send_line(self, line: str) -> None:

@@ -175,6 +175,22 @@ def account_summary(me: Mapping[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def quota_use(me: Mapping[str, Any]) -> tuple[list[str], list[float]]:
+    """Bars for the dashboard's chart: how much of each quota my VMs use, in percent."""
+    quota, usage = me.get("quota") or {}, me.get("usage") or {}
+    labels, percents = [], []
+    for label, used, limit in (
+        ("VMs", usage.get("vms", 0), quota.get("max_vms")),
+        ("RAM", usage.get("ram_mb", 0), quota.get("max_ram_mb")),
+        ("vCPUs", usage.get("cpu", 0), quota.get("max_cpu")),
+        ("disk", usage.get("disk_gb", 0), quota.get("max_disk_gb")),
+    ):
+        if limit:
+            labels.append(label)
+            percents.append(round(100.0 * used / limit, 1))
+    return labels, percents
+
+
 def user_rows(users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Admin table rows of users (``GET /admin/users`` shapes)."""
     rows = []

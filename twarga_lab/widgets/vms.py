@@ -6,6 +6,7 @@ import html
 from collections.abc import Callable
 from typing import Any
 
+import bqplot as bq
 import ipywidgets as widgets
 from traitlets import Bool, Instance, Int, List, observe
 
@@ -16,6 +17,7 @@ from twarga_lab.widgets.data import (
     account_summary,
     error_field,
     html_table,
+    quota_use,
     vm_options,
     vm_rows,
 )
@@ -178,6 +180,24 @@ class VMDashboard(LivePanel):
     def __init__(self, lab: Lab | None = None, **kwargs: Any) -> None:
         super().__init__(lab, **kwargs)
         self.account = widgets.HTML("")
+        x_scale, y_scale = bq.OrdinalScale(), bq.LinearScale(min=0, max=100)
+        self.quota_bars = bq.Bars(
+            x=[],
+            y=[],
+            scales={"x": x_scale, "y": y_scale},
+            colors=["#1976d2"],
+            labels=["quota used"],
+        )
+        self.quota_chart = bq.Figure(
+            marks=[self.quota_bars],
+            axes=[
+                bq.Axis(scale=x_scale),
+                bq.Axis(scale=y_scale, orientation="vertical", label="% of quota"),
+            ],
+            title="Quota use",
+            layout=widgets.Layout(width="420px", height="240px"),
+            fig_margin={"top": 40, "bottom": 30, "left": 50, "right": 10},
+        )
         self.table = widgets.HTML("")
         self.actions = VMActionBar(self.lab, after=self.request_refresh)
         self.fields: dict[str, widgets.DOMWidget] = {
@@ -208,7 +228,7 @@ class VMDashboard(LivePanel):
             self.account,
             self.table,
             self.actions,
-            form,
+            widgets.HBox([form, self.quota_chart]),
         ]
 
     @observe("lab")
@@ -225,6 +245,9 @@ class VMDashboard(LivePanel):
 
     def show(self, data: dict[str, Any]) -> None:
         self.account.value = account_summary(data["me"])
+        labels, percents = quota_use(data["me"])
+        with self.quota_bars.hold_sync():
+            self.quota_bars.x, self.quota_bars.y = labels, percents
         self.table.value = html_table(
             VM_COLUMNS, vm_rows(data["vms"]), empty="No VMs yet: create one below."
         )
