@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -99,6 +100,23 @@ def undefine_all(conn: libvirt.virConnect, prefix: str) -> None:
             if dom.isActive():
                 dom.destroy()
             dom.undefine()
+
+
+def remove_guests(prefix: str, patience: float = 120.0) -> None:
+    """Destroy and undefine our guests on a fresh connection, waiting out a libvirtd
+    restart (other test runs on this host restart it on purpose)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn = libvirt.open("qemu:///system")
+            undefine_all(conn, prefix)
+            conn.close()
+            return
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                print(f"  could not remove the guests {prefix}*: remove them with virsh")
+                return
+            time.sleep(2)
 
 
 def naive_fast(conn: libvirt.virConnect, prefix: str) -> dict[str, Any]:
@@ -194,8 +212,9 @@ def bench_fast_path(guests: int) -> None:
         print(f"  {'  bulk STATE only (no QEMU monitor)':<40} ours {state_only:11.2f} ms")
         print(f"  {'  slow path (balloon+block+net, NOWAIT)':<40} ours {slow:11.2f} ms")
     finally:
-        undefine_all(conn, prefix)
-        conn.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+        remove_guests(prefix)
         shutil.rmtree(work, ignore_errors=True)
 
 

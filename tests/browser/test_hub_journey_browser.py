@@ -178,7 +178,7 @@ def test_the_whole_journey(browser: Any, real_hub: HubProcess) -> None:
             1, timeout=SLOW
         )
         page.get_by_role("menuitem", name="Run").click()
-        page.get_by_role("menuitem", name="Run All Cells").click()
+        page.locator('li[data-command="runmenu:run-all"]').click()
         output = notebook.locator(".jp-OutputArea-output")
         expect(output.locator(".widget-box").first).to_be_visible(timeout=SLOW)
         expect(output.locator("text=web-1").first).to_be_visible(timeout=SLOW)

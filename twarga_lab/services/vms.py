@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -412,7 +413,7 @@ class VMService:
             )
         )
         for port in range(self.config.ssh_port_min, self.config.ssh_port_max + 1):
-            if port not in used:
+            if port not in used and port_is_free(port):
                 return port
         raise QuotaExceeded("no SSH port is free on this host", "no_ports")
 
@@ -938,6 +939,16 @@ class VMService:
                 self._apply_state(session, vm, state, f"libvirt: {event.detail}")
 
         await self._run(work)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on ``host:port`` (another program, or another Twarga)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def vm_owner_name(session: Session, vm: VM) -> str:
