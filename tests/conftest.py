@@ -8,8 +8,12 @@
 - ``twarga``: the started extension (reconciled), stopped after the test.
 - ``api``: ``await api("GET", "vms", user="alice", body=...)`` -> ``Reply(status, json,
   headers)``; never raises on HTTP errors so tests assert on status and body.
-- ``real_image_dir`` / ``real_config``: the repository's built images and ``qemu:///system``
-  for tests marked ``real`` (they need ``make test``'s libvirtd and ``twarga-lab image build``).
+- ``real_image_dir``, ``real_vms_dir``, ``real_settings(ssh_port_min, **extra)``: the
+  repository's built images, VM storage QEMU can reach, and settings for ``qemu:///system``
+  in tests marked ``real`` (they need ``make test``'s libvirtd and ``twarga-lab image build``).
+- ``cleanup_domains``: removes the test's libvirt domains afterwards.
+- ``postgres_url``: a fresh PostgreSQL database per test, on a throwaway cluster the
+  session starts with Debian's PostgreSQL 15 (or on ``$TWARGA_TEST_POSTGRES_URL``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
+from tests.helpers import destroy_domains
 from tests.identity import FakeHubIdentityProvider, auth
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
@@ -160,9 +165,90 @@ def real_vms_dir() -> Path:
 
 
 @pytest.fixture
+def real_settings(real_image_dir: Path, real_vms_dir: Path) -> Any:
+    """``real_settings(23100, **extra)``: TwargaLabApp settings for real guests on
+    qemu:///system, with a unique domain prefix and 100 SSH ports from the given one."""
+
+    def make(ssh_port_min: int, **extra: Any) -> dict[str, Any]:
+        return {
+            "libvirt_uri": "qemu:///system",
+            "vms_dir": str(real_vms_dir),
+            "images_dir": str(real_image_dir),
+            "domain_type": "auto",
+            "domain_prefix": f"twt{uuid.uuid4().hex[:6]}-",
+            "stop_timeout": 30.0,
+            "ssh_port_min": ssh_port_min,
+            "ssh_port_max": ssh_port_min + 99,
+            **extra,
+        }
+
+    return make
+
+
+@pytest.fixture
+def cleanup_domains(twarga: Any) -> Any:
+    """Removes the test's libvirt domains afterwards, whatever the test left."""
+    yield
+    destroy_domains(twarga.domain_prefix)
+
+
+@pytest.fixture
 def real_image_dir() -> Path:
     """The repository's built images (``twarga-lab image build``), for real guests."""
     images = Path(os.environ.get("TWARGA_IMAGES_DIR", REPO / "vms" / "images"))
     if not (images / "twarga" / "tiny" / "image.json").exists():
         pytest.fail(f"no twarga/tiny under {images}: run `make image` (make test does)")
     return images
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An admin URL of a PostgreSQL server: ``$TWARGA_TEST_POSTGRES_URL``, or a throwaway
+    cluster on 127.0.0.1 run by the ``postgres`` account for this session."""
+    url = os.environ.get("TWARGA_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    if not (PG_BIN / "initdb").exists():
+        pytest.fail("PostgreSQL 15 is not installed: `make test` installs Debian's postgresql")
+    import socket
+
+    data = Path("/tmp") / f"twarga-pg-{uuid.uuid4().hex[:8]}"
+    data.mkdir(mode=0o700)
+    shutil.chown(data, "postgres", "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust",
+                    "-U", "postgres", "--no-sync"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"),
+         "-o", f"-h 127.0.0.1 -p {port} -k {data} -F", "start"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast",
+                    "stop"], capture_output=True)  # fmt: skip
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Any:
+    """A new, empty database on the PostgreSQL server, dropped after the test."""
+    from sqlalchemy import create_engine
+
+    name = f"twarga_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    yield f"{postgres_server.rsplit('/', 1)[0]}/{name}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        conn.exec_driver_sql(f"DROP DATABASE {name}")
+    admin.dispose()

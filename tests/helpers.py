@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,3 +36,18 @@ async def wait_status(
         return reply.json if reply.json["status"] == status else None
 
     return await wait_for(probe, timeout=timeout)
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess[str]:
+    """``virsh -c qemu:///system ARGS`` (a libvirt client we did not write)."""
+    return subprocess.run(
+        ["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def destroy_domains(prefix: str) -> None:
+    """Destroy and undefine every domain whose name starts with ``prefix``."""
+    for name in virsh("list", "--all", "--name").stdout.split():
+        if name.startswith(prefix):
+            virsh("destroy", name)
+            virsh("undefine", name)

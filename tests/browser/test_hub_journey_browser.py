@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import destroy_domains
 from tests.hub.conftest import ADMIN_PASSWORD, HubProcess, free_port
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -67,7 +68,8 @@ def real_hub() -> Iterator[HubProcess]:
         "TWARGA_LIBVIRT_URI": "qemu:///system",
         "TWARGA_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "TWARGA_EXTRA_SERVICE_ARGS": f"--TwargaLabApp.domain_prefix={prefix} "
-        "--TwargaLabApp.ssh_port_min=23600 --TwargaLabApp.ssh_port_max=23699",
+        "--TwargaLabApp.ssh_port_min=23600 --TwargaLabApp.ssh_port_max=23699 "
+        "--TwargaLabApp.syslog_address=127.0.0.1:0",
     }
     subprocess.run([str(Path(sys.executable).parent / "twarga-lab"), "create-admin"],
                    env=env, check=True, capture_output=True)  # fmt: skip
@@ -75,12 +77,7 @@ def real_hub() -> Iterator[HubProcess]:
     hub.start()
     yield hub
     hub.stop()
-    listing = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                             capture_output=True, text=True)  # fmt: skip
-    for name in listing.stdout.split():
-        if name.startswith(prefix):
-            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True)
-            subprocess.run(["virsh", "-c", "qemu:///system", "undefine", name], capture_output=True)
+    destroy_domains(prefix)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(hub.log, ARTIFACTS / "hub.log")
     shutil.rmtree(root, ignore_errors=True)
@@ -177,8 +174,10 @@ def test_the_whole_journey(browser: Any, real_hub: HubProcess) -> None:
         expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
             1, timeout=SLOW
         )
-        page.get_by_role("menuitem", name="Run").click()
-        page.locator('li[data-command="runmenu:run-all"]').click()
+        expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle")).to_be_visible()
+        # The toolbar's "restart the kernel and run all cells" (it asks to confirm).
+        notebook.locator('[data-command="notebook:restart-run-all"]').click()
+        page.locator(".jp-Dialog .jp-mod-accept").click()
         output = notebook.locator(".jp-OutputArea-output")
         expect(output.locator(".widget-box").first).to_be_visible(timeout=SLOW)
         expect(output.locator("text=web-1").first).to_be_visible(timeout=SLOW)

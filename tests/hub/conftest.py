@@ -186,7 +186,8 @@ def hub_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         "TWARGA_LIBVIRT_URI": "test:///default",
         "TWARGA_ADMIN_USER": "admin",
         "TWARGA_ADMIN_PASSWORD": ADMIN_PASSWORD,
-        "TWARGA_EXTRA_SERVICE_ARGS": f"--TwargaLabApp.domain_prefix=th{uuid.uuid4().hex[:6]}-",
+        "TWARGA_EXTRA_SERVICE_ARGS": f"--TwargaLabApp.domain_prefix=th{uuid.uuid4().hex[:6]}- "
+        "--TwargaLabApp.syslog_address=127.0.0.1:0",
     }
     (root / "private").mkdir(mode=0o700)
     subprocess.run(

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import destroy_domains
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -60,7 +61,7 @@ def live_server() -> Iterator[LiveServer]:
         "--TwargaLabApp.libvirt_uri=qemu:///system", f"--TwargaLabApp.vms_dir={work / 'vms'}",
         f"--TwargaLabApp.images_dir={images}", f"--TwargaLabApp.domain_prefix={prefix}",
         "--TwargaLabApp.ssh_port_min=23500", "--TwargaLabApp.ssh_port_max=23599",
-        "--TwargaLabApp.stop_timeout=20",
+        "--TwargaLabApp.stop_timeout=20", "--TwargaLabApp.syslog_address=127.0.0.1:0",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "wb") as out:
@@ -80,12 +81,7 @@ def live_server() -> Iterator[LiveServer]:
     yield LiveServer(url, prefix, work / "vms", log)
     proc.terminate()
     proc.wait(timeout=30)
-    listing = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                             capture_output=True, text=True)  # fmt: skip
-    for name in listing.stdout.split():
-        if name.startswith(prefix):
-            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True)
-            subprocess.run(["virsh", "-c", "qemu:///system", "undefine", name], capture_output=True)
+    destroy_domains(prefix)
     artifacts = REPO / "test-artifacts" / "live-servers"
     artifacts.mkdir(parents=True, exist_ok=True)
     shutil.copy(log, artifacts / f"{work.name}.log")

@@ -6,8 +6,6 @@ import asyncio
 import json
 import re
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -21,16 +19,8 @@ pytestmark = pytest.mark.real
 
 
 @pytest.fixture
-def twarga_config(real_image_dir: Path, real_vms_dir: Path) -> dict:
-    return {
-        "libvirt_uri": "qemu:///system",
-        "vms_dir": str(real_vms_dir),
-        "images_dir": str(real_image_dir),
-        "domain_prefix": f"twc{uuid.uuid4().hex[:6]}-",
-        "ssh_port_min": 23300,
-        "ssh_port_max": 23399,
-        "console_idle_timeout": 6.0,
-    }
+def twarga_config(real_settings) -> dict:
+    return real_settings(23300, console_idle_timeout=6.0)
 
 
 @pytest.fixture

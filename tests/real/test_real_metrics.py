@@ -4,10 +4,6 @@ and the history holds the points."""
 
 from __future__ import annotations
 
-import subprocess
-import uuid
-from pathlib import Path
-
 import pytest
 
 from tests.helpers import wait_for, wait_status
@@ -17,35 +13,11 @@ BOOT_TIMEOUT = 90
 
 
 @pytest.fixture
-def twarga_config(real_image_dir: Path, real_vms_dir: Path) -> dict:
-    return {
-        "libvirt_uri": "qemu:///system",
-        "vms_dir": str(real_vms_dir),
-        "images_dir": str(real_image_dir),
-        "domain_type": "auto",
-        "domain_prefix": f"twm{uuid.uuid4().hex[:6]}-",
-        "stop_timeout": 30.0,
-        "ssh_port_min": 23100,
-        "ssh_port_max": 23199,
-        "metrics_interval": 1.0,
-        "metrics_slow_interval": 2.0,
-    }
-
-
-def virsh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=30
-    )
+def twarga_config(real_settings) -> dict:
+    return real_settings(23100, metrics_interval=1.0, metrics_slow_interval=2.0)
 
 
 @pytest.fixture
-def cleanup_domains(twarga):
-    yield
-    for name in twarga.services.backend.states(twarga.domain_prefix):
-        virsh("destroy", name)
-        virsh("undefine", name)
-
-
 async def test_a_real_guest_reports_growing_cpu_time_and_uptime(api, twarga, cleanup_domains):
     reply = await api("POST", "vms", body={"name": "metered", "ram": 512})
     assert reply.status == 201, reply.json

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from tests.helpers import wait_for, wait_status
+from tests.helpers import virsh, wait_for, wait_status
 from twarga_lab.db.models import Event
 
 pytestmark = pytest.mark.real
@@ -19,23 +18,8 @@ BOOT_TIMEOUT = 90
 
 
 @pytest.fixture
-def twarga_config(real_image_dir: Path, real_vms_dir: Path) -> dict:
-    return {
-        "libvirt_uri": "qemu:///system",
-        "vms_dir": str(real_vms_dir),
-        "images_dir": str(real_image_dir),
-        "domain_type": "auto",
-        "domain_prefix": f"twt{uuid.uuid4().hex[:6]}-",
-        "stop_timeout": 30.0,
-        "ssh_port_min": 23000,
-        "ssh_port_max": 23999,
-    }
-
-
-def virsh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=30
-    )
+def twarga_config(real_settings) -> dict:
+    return real_settings(23000)
 
 
 def domstate(domain: str) -> str:
@@ -47,13 +31,6 @@ async def console_says(path: Path, text: str, *, occurrences: int = 1) -> bool:
 
 
 @pytest.fixture
-def cleanup_domains(twarga):
-    yield
-    for name in twarga.services.backend.states(twarga.domain_prefix):
-        virsh("destroy", name)
-        virsh("undefine", name)
-
-
 async def test_real_guest_boots_stops_starts_and_is_destroyed(api, twarga, cleanup_domains):
     reply = await api("POST", "vms", body={"name": "web-1", "ram": 512, "disk": 10})
     assert reply.status == 201, reply.json

@@ -11,14 +11,13 @@ import asyncio
 import os
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 
-from tests.helpers import wait_for, wait_status
+from tests.helpers import virsh, wait_for, wait_status
 from twarga_lab.event_schemas import load_schema
 
 pytestmark = pytest.mark.real
@@ -33,35 +32,11 @@ PASSWORD_ONLY = ("-o", "PreferredAuthentications=password", "-o", "PubkeyAuthent
 
 
 @pytest.fixture
-def twarga_config(real_image_dir: Path, real_vms_dir: Path) -> dict:
-    return {
-        "libvirt_uri": "qemu:///system",
-        "vms_dir": str(real_vms_dir),
-        "images_dir": str(real_image_dir),
-        "domain_type": "auto",
-        "domain_prefix": f"tws{uuid.uuid4().hex[:6]}-",
-        "stop_timeout": 30.0,
-        "ssh_port_min": 23200,
-        "ssh_port_max": 23299,
-    }
-
-
-def virsh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=30
-    )
+def twarga_config(real_settings) -> dict:
+    return real_settings(23200)
 
 
 @pytest.fixture
-def cleanup_domains(twarga):
-    prefix = twarga.domain_prefix
-    yield
-    for name in virsh("list", "--all", "--name").stdout.split():
-        if name.startswith(prefix):
-            virsh("destroy", name)
-            virsh("undefine", name)
-
-
 async def ssh_with_password(port: int, password: str, *, user: str = "root") -> int:
     """One password login attempt; sshpass exits 5 for a wrong password, 0 on success."""
     proc = await asyncio.create_subprocess_exec(

@@ -3,12 +3,9 @@ clock and a real SQLite database."""
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import MetricChunk
@@ -44,29 +41,15 @@ def clock(monkeypatch):
     return fake
 
 
-# e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres: the store tests run there too.
-POSTGRES_URL = os.environ.get("TWARGA_TEST_POSTGRES_URL")
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path):
     if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'metrics.db'}").open()
-        yield database
-        database.dispose()
-        return
-    if not POSTGRES_URL:
-        pytest.skip("set TWARGA_TEST_POSTGRES_URL to run the store on PostgreSQL")
-    name = f"twarga_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    database = Database(f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}").open()
+        url = f"sqlite:///{tmp_path / 'metrics.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    database = Database(url).open()
     yield database
     database.dispose()
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE {name}")
-    admin.dispose()
 
 
 def feed(store: MetricStore, clock: Clock, start: float, seconds: float, step: float = 10.0):
