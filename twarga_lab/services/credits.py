@@ -25,11 +25,12 @@ from twarga_lab.services import Identity
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.users import (
     MILLI,
+    Usage,
     UserService,
     add_credit_entry,
     balance_milli,
     lock_user,
-    usage,
+    usage_by_user,
 )
 
 log = logging.getLogger(__name__)
@@ -231,16 +232,19 @@ class CreditService:
                     )
                 ).all()
             )
+            quotas = {q.user_id: q for q in session.scalars(select(Quota))}
+            usages = usage_by_user(session)
+            nothing = Usage(vms=0, ram_mb=0, cpu=0, disk_gb=0)
             for user in session.scalars(select(User).order_by(User.name)):
                 account = accounts.get(user.name)
-                used = usage(session, user.id)
+                used = usages.get(user.id, nothing)
                 result.append(
                     {
                         "name": user.name,
                         "credits": balances.get(user.id, 0) / MILLI,
                         "vm_count": used.vms,
                         "usage": used.to_json(),
-                        "quota": self.users.effective_quota(session, user.id).to_json(),
+                        "quota": self.users.quota_from_row(quotas.get(user.id)).to_json(),
                         "active": account is None or (account.approved and not account.disabled),
                         "approved": account.approved if account else True,
                         "created_at": user.created_at.isoformat(),

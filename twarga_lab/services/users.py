@@ -108,6 +108,25 @@ def usage(session: Session, user_id: int) -> Usage:
     return Usage(vms=row[0], ram_mb=int(row[1]), cpu=int(row[2]), disk_gb=int(row[3]))
 
 
+def usage_by_user(session: Session) -> dict[int, Usage]:
+    """What every user's live VMs hold, in one grouped query (users without VMs absent)."""
+    rows = session.execute(
+        select(
+            VM.owner_id,
+            func.count(VM.id),
+            func.coalesce(func.sum(VM.ram_mb), 0),
+            func.coalesce(func.sum(VM.cpu), 0),
+            func.coalesce(func.sum(VM.disk_gb), 0),
+        )
+        .where(VM.status.in_(LIVE_STATUSES))
+        .group_by(VM.owner_id)
+    )
+    return {
+        owner: Usage(vms=count, ram_mb=int(ram), cpu=int(cpu), disk_gb=int(disk))
+        for owner, count, ram, cpu, disk in rows
+    }
+
+
 class UserService:
     """Creates users on first sight (with their starting credits) and reports on them."""
 
@@ -153,7 +172,10 @@ class UserService:
 
     def effective_quota(self, session: Session, user_id: int) -> EffectiveQuota:
         """The user's limits: their own quota row over the defaults."""
-        row = session.get(Quota, user_id)
+        return self.quota_from_row(session.get(Quota, user_id))
+
+    def quota_from_row(self, row: Quota | None) -> EffectiveQuota:
+        """Limits from a user's quota row (or None) over the defaults."""
         d = self.quota_defaults
 
         def pick(own: int | None, default: int | None) -> int | None:
