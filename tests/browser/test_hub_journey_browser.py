@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,15 +17,20 @@ import pytest
 
 from tests.conftest import REPO
 from tests.helpers import destroy_domains
-from tests.hub.conftest import ADMIN_PASSWORD, HubProcess, free_port
+from tests.hub.conftest import ADMIN_PASSWORD, HubProcess, prepare_hub
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.real]
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 ARTIFACTS = REPO / "test-artifacts" / "browser" / "hub-journey"
 PASSWORD = "Journey-Horse-42-Staple"
 SLOW = 120_000  # ms: a cold server spawn and a TCG boot on two busy cores
@@ -50,29 +53,15 @@ def real_hub() -> Iterator[HubProcess]:
     if not (images / "twarga" / "tiny" / "image.json").exists():
         pytest.fail(f"no twarga/tiny under {images}: run `make image` (make test does)")
     root = Path("/tmp") / f"twarga-journey-{uuid.uuid4().hex[:8]}"
-    root.mkdir(mode=0o755)
-    (root / "private").mkdir(mode=0o700)
-    hub_port, api_port, service_port = free_port(), free_port(), free_port()
-    while len({hub_port, api_port, api_port + 1, service_port}) < 4:
-        api_port = free_port()
     prefix = f"twj{uuid.uuid4().hex[:6]}-"
-    env = {
-        **os.environ,
-        "TWARGA_HUB_PORT": str(hub_port),
-        "TWARGA_HUB_API_PORT": str(api_port),
-        "TWARGA_SERVICE_PORT": str(service_port),
-        "TWARGA_STATE_DIR": str(root / "private"),
-        "TWARGA_DB_URL": f"sqlite:///{root / 'private' / 'twarga.db'}",
-        "TWARGA_VMS_DIR": str(root / "vms"),
-        "TWARGA_IMAGES_DIR": str(images),
-        "TWARGA_LIBVIRT_URI": "qemu:///system",
-        "TWARGA_ADMIN_PASSWORD": ADMIN_PASSWORD,
-        "TWARGA_EXTRA_SERVICE_ARGS": f"--TwargaLabApp.domain_prefix={prefix} "
-        "--TwargaLabApp.ssh_port_min=23600 --TwargaLabApp.ssh_port_max=23699 "
-        "--TwargaLabApp.syslog_address=127.0.0.1:0",
-    }
-    subprocess.run([str(Path(sys.executable).parent / "twarga-lab"), "create-admin"],
-                   env=env, check=True, capture_output=True)  # fmt: skip
+    env = prepare_hub(
+        root,
+        images,
+        "qemu:///system",
+        prefix,
+        "--TwargaLabApp.ssh_port_min=23600",
+        "--TwargaLabApp.ssh_port_max=23699",
+    )
     hub = HubProcess(env, root)
     hub.start()
     yield hub

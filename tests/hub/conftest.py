@@ -66,8 +66,11 @@ class HubProcess:
         log = open(self.log, "ab")  # noqa: SIM115 - kept open for the child
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "jupyterhub"), "-f", str(REPO / "hub_config" / "jupyterhub_config.py")],
-            cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            cwd=self.workdir,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
         def service_up() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.tail()
@@ -163,17 +166,22 @@ def api(hub: HubProcess, token: str, method: str, path: str, body: Any = None) -
     )
 
 
-@pytest.fixture(scope="module")
-def hub_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    # Under /tmp (traversable), not pytest's 0700 folders: users' servers and QEMU read here.
-    root = Path("/tmp") / f"twarga-hub-{uuid.uuid4().hex[:8]}"
+def prepare_hub(
+    root: Path, images: Path, libvirt_uri: str, domain_prefix: str, *service_args: str
+) -> dict[str, str]:
+    """The environment of a Hub whose state lives under ``root`` (made here), on free
+    ports, with its first admin created; ``service_args`` go to the twarga service."""
     root.mkdir(mode=0o755)
-    images = root / "images"
-    make_placeholder_image(images)
+    (root / "private").mkdir(mode=0o700)
     # The proxy's API listens on the Hub API port + 1: keep all four ports distinct.
     hub_port, api_port, service_port = free_port(), free_port(), free_port()
     while len({hub_port, api_port, api_port + 1, service_port}) < 4:
         api_port = free_port()
+    args = [
+        f"--TwargaLabApp.domain_prefix={domain_prefix}",
+        "--TwargaLabApp.syslog_address=127.0.0.1:0",
+        *service_args,
+    ]
     env = {
         **os.environ,
         "TWARGA_HUB_PORT": str(hub_port),
@@ -183,20 +191,30 @@ def hub_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         "TWARGA_DB_URL": f"sqlite:///{root / 'private' / 'twarga.db'}",
         "TWARGA_VMS_DIR": str(root / "vms"),
         "TWARGA_IMAGES_DIR": str(images),
-        "TWARGA_LIBVIRT_URI": "test:///default",
+        "TWARGA_LIBVIRT_URI": libvirt_uri,
         "TWARGA_ADMIN_USER": "admin",
         "TWARGA_ADMIN_PASSWORD": ADMIN_PASSWORD,
-        "TWARGA_EXTRA_SERVICE_ARGS": f"--TwargaLabApp.domain_prefix=th{uuid.uuid4().hex[:6]}- "
-        "--TwargaLabApp.syslog_address=127.0.0.1:0",
+        "TWARGA_EXTRA_SERVICE_ARGS": " ".join(args),
+        "_TWARGA_ROOT": str(root),
     }
-    (root / "private").mkdir(mode=0o700)
     subprocess.run(
         [str(VENV_BIN / "twarga-lab"), "create-admin", "--db-url", env["TWARGA_DB_URL"]],
-        env=env, check=True, capture_output=True,
-    )  # fmt: skip
-    env["_TWARGA_ROOT"] = str(root)
-    yield env
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def hub_env() -> Iterator[dict[str, str]]:
+    # Under /tmp (traversable), not pytest's 0700 folders: users' servers and QEMU read here.
+    root = Path("/tmp") / f"twarga-hub-{uuid.uuid4().hex[:8]}"
+    images = root.parent / f"{root.name}-images"
+    make_placeholder_image(images)
+    yield prepare_hub(root, images, "test:///default", f"th{uuid.uuid4().hex[:6]}-")
     shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(images, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

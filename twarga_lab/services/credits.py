@@ -9,7 +9,6 @@ below zero: metering charges at most what is left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from twarga_lab.db import Database, models
 from twarga_lab.db.models import VM, Account, CreditEntry, Quota, User, VMStatus
 from twarga_lab.errors import NotFound, ValidationFailed
 from twarga_lab.services import Identity
+from twarga_lab.services.background import cancel_and_wait
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.users import (
     MILLI,
@@ -283,8 +283,5 @@ class CreditMeter:
             self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

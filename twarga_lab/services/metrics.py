@@ -40,6 +40,7 @@ from sqlalchemy import select
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, User, VMStatus
 from twarga_lab.errors import InvalidRequest, TwargaError, ValidationFailed
+from twarga_lab.services.background import cancel_and_wait
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.metric_store import (
     HOUR,
@@ -478,11 +479,8 @@ class LoopLagProbe:
             self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 # -- history queries ---------------------------------------------------------------------
@@ -951,11 +949,8 @@ class MetricsService:
     async def stop(self) -> None:
         """Stop collecting and write the open buckets."""
         await self.probe.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._side_tasks:
             await asyncio.wait(list(self._side_tasks), timeout=30)
         if self._executor is not None:
