@@ -17,7 +17,6 @@ def twarga_config(real_settings) -> dict:
     return real_settings(23100, metrics_interval=1.0, metrics_slow_interval=2.0)
 
 
-@pytest.fixture
 async def test_a_real_guest_reports_growing_cpu_time_and_uptime(api, twarga, cleanup_domains):
     reply = await api("POST", "vms", body={"name": "metered", "ram": 512})
     assert reply.status == 201, reply.json

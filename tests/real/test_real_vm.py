@@ -30,7 +30,6 @@ async def console_says(path: Path, text: str, *, occurrences: int = 1) -> bool:
     return path.exists() and path.read_text(errors="replace").count(text) >= occurrences
 
 
-@pytest.fixture
 async def test_real_guest_boots_stops_starts_and_is_destroyed(api, twarga, cleanup_domains):
     reply = await api("POST", "vms", body={"name": "web-1", "ram": 512, "disk": 10})
     assert reply.status == 201, reply.json

@@ -36,7 +36,6 @@ def twarga_config(real_settings) -> dict:
     return real_settings(23200)
 
 
-@pytest.fixture
 async def ssh_with_password(port: int, password: str, *, user: str = "root") -> int:
     """One password login attempt; sshpass exits 5 for a wrong password, 0 on success."""
     proc = await asyncio.create_subprocess_exec(
