@@ -134,7 +134,7 @@ class LabServer:
                 if reply.status_code == 200:
                     return
             except httpx.TransportError:
-                pass
+                pass  # not listening yet: poll again until the deadline
             time.sleep(0.2)  # poll interval while waiting for the port, under a deadline
         pytest.fail(f"jupyter lab did not answer within {START_DEADLINE} s:\n{self.log_tail()}")
 

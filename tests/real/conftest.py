@@ -75,7 +75,7 @@ def live_server() -> Iterator[LiveServer]:
             if reply.status_code == 200:
                 break
         except httpx.HTTPError:
-            pass
+            pass  # not listening yet: poll again until the deadline
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     yield LiveServer(url, prefix, work / "vms", log)

@@ -459,7 +459,7 @@ class FakeConsoleSocket:
         self.sent: list[list[Any]] = []
 
     def settimeout(self, timeout: float | None) -> None:
-        pass
+        pass  # the fake socket's queue never times out
 
     def recv(self) -> str:
         message = self.incoming.get(timeout=10)

@@ -220,7 +220,7 @@ class SyslogReceiver:
                 if not self._frames(buffer, origin):
                     break  # a broken octet count: the stream cannot be resynchronised
         except (ConnectionError, asyncio.CancelledError):
-            pass
+            pass  # the sender went away or we are stopping: what arrived is kept
         finally:
             self._clients.discard(task)
             writer.close()
@@ -389,7 +389,7 @@ class GuestChannels:
                     buffer += chunk
                     split_lines(buffer, feed)
             except ConnectionError:
-                pass
+                pass  # the VM stopped: its channel reconnects when it runs again
             finally:
                 self.connected[domain].clear()
                 writer.close()

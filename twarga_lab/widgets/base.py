@@ -96,11 +96,11 @@ class LivePanel(widgets.VBox):
 
     def load(self) -> Any:
         """Blocking client calls; returns what ``show`` needs."""
-        raise NotImplementedError
+        raise NotImplementedError  # each panel (VMDashboard, SOCFeed ...) defines it
 
     def show(self, data: Any) -> None:
         """Put freshly loaded data into the widgets (on the kernel's thread)."""
-        raise NotImplementedError
+        raise NotImplementedError  # each panel defines it, next to its ``load``
 
     # -- refresh ---------------------------------------------------------------------------
 

@@ -179,7 +179,7 @@ class ConsoleWidget(widgets.VBox):
                 elif kind == "disconnect":
                     break
         except Exception:  # closed by us or by the service: either way the session ended
-            pass
+            pass  # the finally clause below shows "[disconnected]"
         finally:
             ours = self._ws is ws
             if ours:  # the service ended the session: let go of the socket too
