@@ -471,7 +471,7 @@ class FakeConsoleSocket:
         self.sent.append(json.loads(text))
 
     def send_close(self) -> None:
-        pass
+        pass  # closing is recorded by abort(); nothing to send on a fake
 
     def abort(self) -> None:
         self.incoming.put(None)

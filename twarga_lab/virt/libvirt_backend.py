@@ -27,7 +27,8 @@ from twarga_lab.virt.domain import DomainSpec, build_domain_xml
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_STATE_MAP = {
+# libvirt's state numbers, as Twarga's states (the stats reader uses this map too).
+LIBVIRT_STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: DomainState.unknown,
     libvirt.VIR_DOMAIN_RUNNING: DomainState.running,
     libvirt.VIR_DOMAIN_BLOCKED: DomainState.running,
@@ -365,7 +366,7 @@ class LibvirtBackend(HypervisorBackend):
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     return DomainState.missing
                 raise
-        return _STATE_MAP.get(code, DomainState.unknown)
+        return LIBVIRT_STATES.get(code, DomainState.unknown)
 
     def states(self, prefix: str = "") -> dict[str, DomainState]:
         with self._calling("list domains"):
@@ -374,7 +375,9 @@ class LibvirtBackend(HypervisorBackend):
         for dom, record in stats:
             name = dom.name()
             if name.startswith(prefix):
-                result[name] = _STATE_MAP.get(record.get("state.state", -1), DomainState.unknown)
+                result[name] = LIBVIRT_STATES.get(
+                    record.get("state.state", -1), DomainState.unknown
+                )
         return result
 
     def domain_xml(self, name: str) -> str:

@@ -23,6 +23,7 @@ import libvirt
 
 from twarga_lab.errors import TwargaError
 from twarga_lab.virt.backend import DomainState
+from twarga_lab.virt.libvirt_backend import LIBVIRT_STATES
 
 T = TypeVar("T")
 
@@ -34,16 +35,6 @@ SLOW_STATS = (
 )
 NOWAIT = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
 
-_STATE_MAP = {
-    libvirt.VIR_DOMAIN_NOSTATE: DomainState.unknown,
-    libvirt.VIR_DOMAIN_RUNNING: DomainState.running,
-    libvirt.VIR_DOMAIN_BLOCKED: DomainState.running,
-    libvirt.VIR_DOMAIN_PAUSED: DomainState.paused,
-    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.shutting_down,
-    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.shutoff,
-    libvirt.VIR_DOMAIN_CRASHED: DomainState.crashed,
-    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.paused,
-}
 
 # ``call(fn, action)`` runs ``fn(conn)`` on a live connection (``LibvirtBackend.call``).
 ConnectionCall = Callable[[Callable[[libvirt.virConnect], Any], str], Any]
@@ -104,7 +95,7 @@ class DomainFacts:
 
 def parse_fast(name: str, record: dict[str, Any]) -> FastStats:
     """A fast record (``state.*`` and ``cpu.*`` keys) of one domain."""
-    state = _STATE_MAP.get(record.get("state.state", -1), DomainState.unknown)
+    state = LIBVIRT_STATES.get(record.get("state.state", -1), DomainState.unknown)
     cpu = record.get("cpu.time")
     return FastStats(name=name, state=state, cpu_time_ns=int(cpu) if cpu is not None else None)
 
