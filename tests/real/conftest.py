@@ -1,8 +1,10 @@
 """Fixtures for tests that need a separately running Twarga service on qemu:///system.
 
-- ``live_server``: a ``jupyter server`` subprocess with the extension (personal mode), the
-  fake Hub identity (tokens alice-token, bob-token, admin-token), real images, and VM
-  storage libvirt's QEMU user can reach. Module-scoped; domains are cleaned up after.
+- ``running_server(ssh_port_min, *args)``: a ``jupyter server`` subprocess with the
+  extension (personal mode), the fake Hub identity (tokens alice-token, bob-token,
+  admin-token), real images, and VM storage libvirt's QEMU user can reach; its domains
+  are removed afterwards.
+- ``live_server``: one of those, shared by a test module.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +33,7 @@ VENV_BIN = Path(sys.executable).parent
 class LiveServer:
     url: str
     prefix: str
-    vms_dir: Path
+    work: Path
     log: Path
 
 
@@ -42,11 +45,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_server() -> Iterator[LiveServer]:
+@contextmanager
+def running_server(ssh_port_min: int, *extra_args: str) -> Iterator[LiveServer]:
+    """A personal-mode ``jupyter server`` subprocess with Twarga Lab on qemu:///system and
+    the fake Hub identity; its domains are removed and its log kept afterwards."""
     images = Path(os.environ.get("TWARGA_IMAGES_DIR", REPO / "vms" / "images"))
     if not (images / "twarga" / "tiny" / "image.json").exists():
         pytest.fail(f"no twarga/tiny under {images}: run `make image` (make test does)")
+    # libvirt's QEMU user must reach the disks: not under pytest's 0700 temporary folders.
     work = REPO / "vms" / "test-runs" / f"live-{secrets.token_hex(4)}"
     work.mkdir(parents=True)
     for folder in (work, work.parent):
@@ -55,34 +61,58 @@ def live_server() -> Iterator[LiveServer]:
     port = _free_port()
     log = work / "server.log"
     argv = [
-        str(VENV_BIN / "jupyter"), "server", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-        f"--port={port}", f"--ServerApp.root_dir={work}",
+        str(VENV_BIN / "jupyter"),
+        "server",
+        "--no-browser",
+        "--allow-root",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--ServerApp.root_dir={work}",
         "--ServerApp.identity_provider_class=tests.identity.FakeHubIdentityProvider",
-        "--TwargaLabApp.libvirt_uri=qemu:///system", f"--TwargaLabApp.vms_dir={work / 'vms'}",
-        f"--TwargaLabApp.images_dir={images}", f"--TwargaLabApp.domain_prefix={prefix}",
-        "--TwargaLabApp.ssh_port_min=23500", "--TwargaLabApp.ssh_port_max=23599",
-        "--TwargaLabApp.stop_timeout=20", "--TwargaLabApp.syslog_address=127.0.0.1:0",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+        "--TwargaLabApp.libvirt_uri=qemu:///system",
+        f"--TwargaLabApp.vms_dir={work / 'vms'}",
+        f"--TwargaLabApp.images_dir={images}",
+        f"--TwargaLabApp.domain_prefix={prefix}",
+        f"--TwargaLabApp.ssh_port_min={ssh_port_min}",
+        f"--TwargaLabApp.ssh_port_max={ssh_port_min + 99}",
+        "--TwargaLabApp.stop_timeout=20",
+        "--TwargaLabApp.syslog_address=127.0.0.1:0",
+        *extra_args,
+    ]
+    # Its own runtime folder: kernels it starts find it, not other servers on this machine.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JUPYTER_RUNTIME_DIR": str(work / "runtime")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                me = httpx.get(
+                    url + "twarga/api/me", headers={"Authorization": "token alice-token"}
+                )
+                if me.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass  # not listening yet: poll again until the deadline
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield LiveServer(url, prefix, work, log)
+    finally:
+        proc.terminate()
         try:
-            reply = httpx.get(url + "twarga/api/me", headers={"Authorization": "token alice-token"})
-            if reply.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass  # not listening yet: poll again until the deadline
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
-    yield LiveServer(url, prefix, work / "vms", log)
-    proc.terminate()
-    proc.wait(timeout=30)
-    destroy_domains(prefix)
-    artifacts = REPO / "test-artifacts" / "live-servers"
-    artifacts.mkdir(parents=True, exist_ok=True)
-    shutil.copy(log, artifacts / f"{work.name}.log")
-    shutil.rmtree(work, ignore_errors=True)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        destroy_domains(prefix)
+        artifacts = REPO / "test-artifacts" / "live-servers"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log, artifacts / f"{work.name}.log")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[LiveServer]:
+    with running_server(23500) as server:
+        yield server

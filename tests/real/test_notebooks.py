@@ -8,13 +8,7 @@ through ``TWARGA_URL`` and ``TWARGA_TOKEN`` in its environment.
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
-import socket
-import subprocess
-import time
-import uuid
-from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -23,111 +17,41 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.real.conftest import running_server
 from twarga_lab.notebooks import notebook_templates
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 # Its own SSH forward range: other real tests use 23000-23399.
 SSH_PORTS = (23400, 23499)
 ORDER = ["Dashboard", "Monitor", "SOC", "Admin", "Python-API"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove_domains(prefix: str) -> list[str]:
-    """Destroy and undefine every domain whose name starts with ``prefix``."""
-    conn = libvirt.open("qemu:///system")
-    removed = []
-    try:
-        for dom in conn.listAllDomains():
-            if dom.name().startswith(prefix):
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefine()
-                removed.append(dom.name())
-    finally:
-        conn.close()
-    return removed
-
-
-class Service:
-    """A personal-mode ``jupyter server`` with Twarga Lab, seen from outside."""
-
-    def __init__(self, url: str, token: str, prefix: str, work: Path) -> None:
-        self.url, self.token, self.prefix, self.work = url, token, prefix, work
-        self.http = httpx.Client(
-            base_url=url + "twarga/api/", headers={"Authorization": f"token {token}"}, timeout=30
-        )
-
-    def get(self, path: str, **params: Any) -> Any:
-        response = self.http.get(path, params=params)
-        response.raise_for_status()
-        return response.json()
-
-
 @pytest.fixture(scope="module")
 def service() -> Any:
-    images = Path(os.environ.get("TWARGA_IMAGES_DIR", REPO / "vms" / "images"))
-    if not (images / "twarga" / "tiny" / "image.json").exists():
-        pytest.fail(f"no twarga/tiny under {images}: run `make image` (make test does)")
-    # libvirt's QEMU user must reach the disks: not under pytest's 0700 temporary folders.
-    work = REPO / "vms" / "test-runs" / f"notebooks-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
-    for folder in (work, work.parent):
-        folder.chmod(0o755)
-    token, port = secrets.token_hex(16), free_port()
-    prefix = f"twn{uuid.uuid4().hex[:6]}-"
-    argv = [
-        str(REPO / ".venv" / "bin" / "jupyter"),
-        "server",
-        "--no-browser",
-        "--allow-root",
-        f"--port={port}",
-        "--ip=127.0.0.1",
-        f"--IdentityProvider.token={token}",
-        f"--ServerApp.root_dir={work}",
-        "--TwargaLabApp.libvirt_uri=qemu:///system",
-        f"--TwargaLabApp.vms_dir={work / 'vms'}",
-        f"--TwargaLabApp.images_dir={images}",
-        f"--TwargaLabApp.domain_prefix={prefix}",
-        f"--TwargaLabApp.ssh_port_min={SSH_PORTS[0]}",
-        f"--TwargaLabApp.ssh_port_max={SSH_PORTS[1]}",
-        "--TwargaLabApp.syslog_address=127.0.0.1:0",
-        "--TwargaLabApp.metrics_interval=2",
-    ]
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(work / "runtime")}
-    log = open(work / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
-    svc = Service(f"http://127.0.0.1:{port}/", token, prefix, work)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, (work / "server.log").read_text()[-3000:]
-            try:
-                svc.get("me")
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, (work / "server.log").read_text()[-3000:]
-                time.sleep(0.2)
-        yield svc
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-        svc.http.close()
-        remove_domains(prefix)
-        shutil.rmtree(work, ignore_errors=True)
+    """The server, and an admin's token for the kernels (the Admin notebook needs one)."""
+    with running_server(SSH_PORTS[0], "--TwargaLabApp.metrics_interval=2") as server:
+        http = httpx.Client(
+            base_url=server.url + "twarga/api/",
+            timeout=30,
+            headers={"Authorization": "token admin-token"},
+        )
+        yield SimpleNamespace(
+            url=server.url,
+            token="admin-token",
+            prefix=server.prefix,
+            work=server.work,
+            get=lambda path, **params: _json(http.get(path, params=params)),
+        )
+        http.close()
 
 
-def execute(service: Service, name: str) -> nbformat.NotebookNode:
+def _json(response: httpx.Response) -> Any:
+    response.raise_for_status()
+    return response.json()
+
+
+def execute(service: Any, name: str) -> nbformat.NotebookNode:
     """Run one shipped notebook in a fresh python3 kernel (the venv's); returns it run."""
     template = next(path for path in notebook_templates() if path.stem == name)
     nb = nbformat.read(template, as_version=4)
@@ -166,7 +90,7 @@ def text_of(nb: nbformat.NotebookNode) -> str:
 
 
 @pytest.mark.parametrize("name", ORDER[:-1])
-def test_dashboard_notebooks_run_top_to_bottom(service: Service, name: str) -> None:
+def test_dashboard_notebooks_run_top_to_bottom(service: Any, name: str) -> None:
     nb = execute(service, name)
     widgets = [
         output
@@ -177,7 +101,7 @@ def test_dashboard_notebooks_run_top_to_bottom(service: Service, name: str) -> N
     assert widgets, f"{name} showed no widget"
 
 
-def test_python_api_tour_boots_runs_and_destroys_a_vm(service: Service) -> None:
+def test_python_api_tour_boots_runs_and_destroys_a_vm(service: Any) -> None:
     nb = execute(service, "Python-API")
     output = text_of(nb)
     assert "Linux" in output and "x86_64" in output  # uname -a ran inside the guest

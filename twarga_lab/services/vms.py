@@ -322,9 +322,10 @@ class VMService:
 
     async def create(self, identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
         """Accept a VM (status pending) and provision it in the background."""
-        request = self.validate_create(body)
+        # Validation reads the image's files: off the event loop, like everything on disk.
+        request = await self._run(self.validate_create, body)
         user_id = await self._run(self.users.ensure, identity.name)
-        image = self.images.get(request.image)
+        image = await self._run(self.images.get, request.image)
         try:
             vm_id = await self._run(self._insert_vm, identity, user_id, request, image)
         except QuotaExceeded as refusal:
