@@ -40,7 +40,9 @@ async def test_create_answers_pending_then_runs(api, twarga):
         "ssh_port",
     ):
         assert key in vm, key
-    assert (vm["ram"], vm["cpu"], vm["disk"], vm["os_type"]) == (1024, 2, 20, "linux")
+    # As in the seed, os_type is the image the VM was made from.
+    assert (vm["ram"], vm["cpu"], vm["disk"], vm["os_type"]) == (1024, 2, 20, "twarga/tiny")
+    assert vm["os_family"] == "linux"
     assert vm["domain"].startswith(twarga.domain_prefix)
     running = await wait_status(api, vm["id"], "running")
     state = twarga.services.backend.state(vm["domain"])
@@ -74,6 +76,9 @@ BAD_BODIES = [
     ('{"name": "1web"}', 422, "invalid_name", "name"),
     ('{"name": "web_1"}', 422, "invalid_name", "name"),
     ('{"name": "' + "a" * 64 + '"}', 422, "invalid_name", "name"),
+    # `$` under re.match also matches before a trailing newline: names are matched whole.
+    ('{"name": "web\\n"}', 422, "invalid_name", "name"),
+    ('{"name": "a", "image": "twarga/tiny\\n"}', 422, "unknown_image", "image"),
     ('{"name": "a", "ram": 256}', 422, "out_of_range", "ram"),
     ('{"name": "a", "ram": 4097}', 422, "out_of_range", "ram"),
     ('{"name": "a", "cpu": 0}', 422, "out_of_range", "cpu"),
@@ -227,6 +232,8 @@ async def test_patch_renames_and_resizes_only_when_stopped(api, twarga):
     assert (reply.status, reply.json["reason"]) == (409, "vm_not_stopped")
     reply = await api("PATCH", path, body={"name": "renamed"})
     assert (reply.status, reply.json["name"]) == (200, "renamed")
+    reply = await api("PATCH", path, body={"name": "renamed\n"})
+    assert (reply.status, reply.json["reason"]) == (422, "invalid_name")
     await api("POST", f"{path}/action", body={"action": "force-stop"})
     reply = await api("PATCH", path, body={"ram": 1024, "cpu": 2})
     assert (reply.status, reply.json["ram"], reply.json["cpu"]) == (200, 1024, 2)

@@ -103,7 +103,7 @@ class AccountService:
 
     def sign_up(self, name: str, password: str, source: str) -> dict[str, Any]:
         """Create an account (waiting for approval unless approval is off)."""
-        if not ACCOUNT_NAME_RE.match(name):
+        if not ACCOUNT_NAME_RE.fullmatch(name):
             raise ValidationFailed(
                 "the user name must be 1-32 characters: a lowercase letter, then lowercase "
                 "letters, digits or hyphens",

@@ -144,7 +144,7 @@ def vm_to_json(vm: VM, owner: str, now: datetime | None = None) -> dict[str, Any
 
 def validate_name(name: str) -> str:
     """A VM name as DESIGN.md allows it, or ValidationFailed."""
-    if not VM_NAME_RE.match(name):
+    if not VM_NAME_RE.fullmatch(name):
         raise ValidationFailed(
             "name must be 1-63 characters: a lowercase letter, then lowercase letters, "
             "digits or hyphens",

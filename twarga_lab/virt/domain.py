@@ -41,7 +41,7 @@ class DiskSpec:
     readonly: bool = False
 
     def __post_init__(self) -> None:
-        if not DISK_TARGET_RE.match(self.target):
+        if not DISK_TARGET_RE.fullmatch(self.target):
             raise ValueError(f"bad disk target {self.target!r}")
         if self.device not in ("disk", "cdrom"):
             raise ValueError(f"bad disk device {self.device!r}")
@@ -63,7 +63,7 @@ class ChannelSpec:
     path: Path | None = None
 
     def __post_init__(self) -> None:
-        if not CHANNEL_NAME_RE.match(self.name):
+        if not CHANNEL_NAME_RE.fullmatch(self.name):
             raise ValueError(f"bad channel name {self.name!r}")
 
 
@@ -114,7 +114,7 @@ class DomainSpec:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not DOMAIN_NAME_RE.match(self.name):
+        if not DOMAIN_NAME_RE.fullmatch(self.name):
             raise ValueError(f"bad domain name {self.name!r}")
         if self.domain_type not in DOMAIN_TYPES:
             raise ValueError(f"bad domain type {self.domain_type!r}")
@@ -125,7 +125,7 @@ class DomainSpec:
         if self.initrd is not None and self.kernel is None:
             raise ValueError("an initrd needs a kernel")
         for key, value in self.cmdline:
-            if not CMDLINE_KEY_RE.match(key) or not CMDLINE_VALUE_RE.match(value):
+            if not CMDLINE_KEY_RE.fullmatch(key) or not CMDLINE_VALUE_RE.fullmatch(value):
                 raise ValueError(f"bad kernel argument {key!r}={value!r}")
         targets = [d.target for d in self.disks]
         if len(set(targets)) != len(targets):

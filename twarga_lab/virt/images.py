@@ -134,7 +134,7 @@ class ImageStore:
         self.root = root
 
     def _dir(self, name: str) -> Path:
-        if not IMAGE_NAME_RE.match(name):
+        if not IMAGE_NAME_RE.fullmatch(name):
             raise InvalidRequest(f"{name!r} is not a valid image name", "bad_image_name")
         return self.root / name
 
@@ -149,7 +149,7 @@ class ImageStore:
 
     def get(self, name: str) -> Image:
         """The bootable image ``name``; NotFound if it is absent or incomplete."""
-        if not IMAGE_NAME_RE.match(name):
+        if not IMAGE_NAME_RE.fullmatch(name):
             raise NotFound(f"image {name!r} does not exist", "no_image")
         image = self._load(self.root / name / METADATA_FILE)
         if image is None:
