@@ -7,7 +7,7 @@ The canonical copies live in ``twarga_lab/notebook_templates/``; the repository'
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent / "notebook_templates"
@@ -23,15 +23,22 @@ def install_notebooks(dest: Path, overwrite: bool = False) -> list[Path]:
     """Copy the notebooks into ``dest/twarga-lab/``; returns the files written.
 
     A notebook already there is the user's (they may have changed it): it is kept unless
-    ``overwrite`` is true.
+    ``overwrite`` is true. A notebook path that is a symbolic link is never written
+    through (``O_NOFOLLOW``); under the Hub this runs as the user's own account anyway
+    (:func:`twarga_lab.hub.spawn.prepare_user_home`), never as root.
     """
     folder = Path(dest).expanduser() / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for template in notebook_templates():
         target = folder / template.name
-        if target.exists() and not overwrite:
-            continue
-        shutil.copyfile(template, target)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags |= os.O_TRUNC if overwrite else os.O_EXCL
+        try:
+            fd = os.open(target, flags, 0o644)
+        except FileExistsError:
+            continue  # the user's copy (or a link of theirs): left alone
+        with os.fdopen(fd, "wb") as out:
+            out.write(template.read_bytes())
         written.append(target)
     return written
