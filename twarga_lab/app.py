@@ -47,6 +47,23 @@ SSH_KEY_TYPES = (
 )
 
 
+def absolute_path(value: str) -> str:
+    """``value`` with ``~`` expanded, made absolute against the working directory."""
+    return str(Path(value).expanduser().absolute())
+
+
+def absolute_sqlite_url(url: str) -> str:
+    """A SQLite URL with a relative file made absolute (other URLs unchanged), so the
+    database stays the same file whatever the process's working directory is later."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return url
+    path, _, query = url[len(prefix) :].partition("?")
+    if not path or path == ":memory:" or path.startswith("/"):
+        return url
+    return prefix + absolute_path(path) + (f"?{query}" if query else "")
+
+
 @dataclass
 class Services:
     """What the handlers reach through ``self.services``."""
@@ -123,13 +140,16 @@ class TwargaLabApp(ExtensionApp):
         and the SQLite database live. Relative paths are taken from the working directory.""",
     ).tag(config=True)
 
+    # Paths are made absolute once, here: qemu-img resolves a relative backing file against
+    # the overlay's folder, and libvirt's QEMU does not share our working directory.
+    # (traitlets validates assigned values only, so each default is made absolute too.)
     @default("vms_dir")
     def _default_vms_dir(self) -> str:
-        return os.environ.get("TWARGA_VMS_DIR", "./vms")
+        return absolute_path(os.environ.get("TWARGA_VMS_DIR", "./vms"))
 
     @validate("vms_dir")
     def _validate_vms_dir(self, proposal: Any) -> str:
-        return str(Path(proposal["value"]).expanduser().absolute())
+        return absolute_path(proposal["value"])
 
     images_dir = Unicode(
         help="Where bootable images live (``twarga-lab image build`` writes here). "
@@ -138,11 +158,13 @@ class TwargaLabApp(ExtensionApp):
 
     @default("images_dir")
     def _default_images_dir(self) -> str:
-        return os.environ.get("TWARGA_IMAGES_DIR") or str(Path(self.vms_dir) / "images")
+        return absolute_path(
+            os.environ.get("TWARGA_IMAGES_DIR") or str(Path(self.vms_dir) / "images")
+        )
 
     @validate("images_dir")
     def _validate_images_dir(self, proposal: Any) -> str:
-        return str(Path(proposal["value"]).expanduser().absolute())
+        return absolute_path(proposal["value"])
 
     db_url = Unicode(
         help="SQLAlchemy URL of Twarga's database: SQLite (default, ``<vms_dir>/twarga.db``) "
@@ -151,7 +173,13 @@ class TwargaLabApp(ExtensionApp):
 
     @default("db_url")
     def _default_db_url(self) -> str:
-        return os.environ.get("TWARGA_DB_URL") or f"sqlite:///{Path(self.vms_dir) / 'twarga.db'}"
+        return absolute_sqlite_url(
+            os.environ.get("TWARGA_DB_URL") or f"sqlite:///{Path(self.vms_dir) / 'twarga.db'}"
+        )
+
+    @validate("db_url")
+    def _validate_db_url(self, proposal: Any) -> str:
+        return absolute_sqlite_url(proposal["value"])
 
     domain_type = Enum(
         ["auto", "kvm", "qemu"],

@@ -14,7 +14,18 @@ from twarga_lab.errors import Forbidden
 from twarga_lab.handlers.base import TwargaAPIHandler
 from twarga_lab.services.metrics import clock, parse_history_query
 
-HISTORY_ARGUMENTS = ("entity", "id", "metric", "since", "until", "step")
+# Ours, then the seed's (Twarga Cloud's) vocabulary: metric_type, hours, vm_id.
+HISTORY_ARGUMENTS = (
+    "entity",
+    "id",
+    "metric",
+    "since",
+    "until",
+    "step",
+    "metric_type",
+    "hours",
+    "vm_id",
+)
 
 
 class HostMetricsHandler(TwargaAPIHandler):

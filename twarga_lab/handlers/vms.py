@@ -11,6 +11,7 @@ from twarga_lab.handlers.base import TwargaAPIHandler
 CREATE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "name": str,
     "image": str,
+    "os_type": str,  # the seed's (Twarga Cloud's) name for ``image``
     "ram": int,
     "cpu": int,
     "disk": int,

@@ -85,8 +85,18 @@ THRESHOLD_LABELS = {
     "memory_usage": "memory usage",
     "disk_usage": "disk usage",
 }
+# The seed's (Twarga Cloud's) metric names; ``network`` reads both directions.
+SEED_METRICS = {
+    "cpu": ("cpu_usage",),
+    "memory": ("memory_usage",),
+    "disk": ("disk_usage",),
+    "network": ("net_sent_bytes_per_s", "net_recv_bytes_per_s"),
+}
 # Without a step, a window is read at the resolution that gives about this many points.
 TARGET_POINTS = 1000
+# One request may ask for at most this many points (window / step): a 90-day window with
+# a 1-second step would otherwise be a request to shape millions of buckets.
+MAX_POINTS = 20_000
 NATURAL_STEP = {MINUTE: 60.0, HOUR: 3600.0}
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -496,6 +506,12 @@ class HistoryQuery:
     since: float
     until: float
     step: float | None
+    # The stored series the metric reads: itself, or both directions for ``network``.
+    series: tuple[str, ...] = ()
+
+    def series_names(self) -> tuple[str, ...]:
+        """The stored metrics this query reads."""
+        return self.series or (self.metric,)
 
 
 def parse_time(value: str, name: str, now: float) -> float:
@@ -503,13 +519,14 @@ def parse_time(value: str, name: str, now: float) -> float:
     text = value.strip()
     if text == "now":
         return now
-    relative = _RELATIVE.match(text)
+    relative = _RELATIVE.fullmatch(text)
     if relative:
         return now - float(relative.group(1)) * _UNITS[relative.group(2)]
     with contextlib.suppress(ValueError):
         number = float(text)
         if math.isfinite(number):
-            return number
+            # A bare negative number is seconds before now (``since=-300``), not 1969.
+            return now + number if number < 0 else number
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -527,30 +544,47 @@ def parse_history_query(
 ) -> HistoryQuery:
     """Check the query arguments: 400 for a missing or malformed one, 422 for a value out
     of bounds (with its ``field``)."""
-    entity = args.get("entity")
+    entity = args.get("entity") or ("vm" if args.get("vm_id") else None)
     if not entity:
         raise InvalidRequest("'entity' is required (host or vm)", "missing_field")
     if entity not in METRICS:
         raise ValidationFailed("entity must be 'host' or 'vm'", field="entity", reason="bad_entity")
     entity_id: int | None = None
     if entity == "vm":
-        raw_id = args.get("id")
+        raw_id = args.get("id") or args.get("vm_id")
         if not raw_id:
             raise InvalidRequest("'id' is required for entity=vm", "missing_field")
         if not raw_id.isdigit():
             raise InvalidRequest("'id' must be an integer", "bad_type")
         entity_id = int(raw_id)
-    metric = args.get("metric")
+    metric = args.get("metric") or args.get("metric_type")
     if not metric:
         raise InvalidRequest("'metric' is required", "missing_field")
-    if metric not in METRICS[entity]:
+    series = SEED_METRICS.get(metric, ())
+    if metric not in METRICS[entity] and not series:
+        names = [*METRICS[entity], *SEED_METRICS]
         raise ValidationFailed(
-            f"metric must be one of {', '.join(METRICS[entity])} for entity={entity}",
+            f"metric must be one of {', '.join(names)} for entity={entity}",
             field="metric",
             reason="unknown_metric",
         )
     until = parse_time(args.get("until") or "now", "until", now)
     since = parse_time(args.get("since") or "-1h", "since", now)
+    hours = args.get("hours")
+    if hours:
+        if args.get("since"):
+            raise ValidationFailed(
+                "send either 'hours' or 'since', not both",
+                field="hours",
+                reason="conflicting_fields",
+            )
+        try:
+            span = float(hours) * 3600
+        except ValueError:
+            raise InvalidRequest("'hours' must be a number", "bad_type") from None
+        if not math.isfinite(span) or span <= 0:
+            raise ValidationFailed("hours must be positive", field="hours", reason="bad_window")
+        since = until - span
     if since >= until:
         raise ValidationFailed("since must be before until", field="since", reason="bad_window")
     if until - since > max_window:
@@ -572,7 +606,16 @@ def parse_history_query(
                 field="step",
                 reason="bad_step",
             )
-    return HistoryQuery(entity, entity_id, metric, since, until, step)
+        if (until - since) / step > MAX_POINTS:
+            raise ValidationFailed(
+                f"window / step may give at most {MAX_POINTS} points; use a larger step",
+                field="step",
+                reason="too_many_points",
+            )
+    # Seed names map to ours; ``network`` keeps its name and reads both directions.
+    if series and len(series) == 1:
+        metric, series = series[0], ()
+    return HistoryQuery(entity, entity_id, metric, since, until, step, series)
 
 
 def choose_resolution(query: HistoryQuery, now: float, retention: Retention) -> int:
@@ -845,11 +888,41 @@ class MetricsService:
         }
 
     def history(self, query: HistoryQuery) -> dict[str, Any]:
-        """The points of one metric of the host or one VM in a window."""
+        """The points of one metric of the host or one VM in a window.
+
+        ``network`` (the seed's name) reads both directions: ``series`` has each, and
+        ``points`` their sum."""
         now = clock()
         resolution = choose_resolution(query, now, self.config.retention)
-        key = (query.entity, query.entity_id or 0, query.metric)
-        points = self.store.query(key, resolution, query.since, query.until)
+        series = {
+            name: self._series_points(query, name, resolution) for name in query.series_names()
+        }
+        body: dict[str, Any] = {
+            "entity": query.entity,
+            "id": query.entity_id,
+            "metric": query.metric,
+            "unit": METRICS[query.entity][query.series_names()[0]],
+            "resolution": RESOLUTION_NAMES[resolution],
+            "step": query.step,
+            "since": iso(query.since),
+            "until": iso(query.until),
+        }
+        if len(series) == 1:
+            body["points"] = next(iter(series.values()))
+            return body
+        totals: dict[str, float] = {}
+        for points in series.values():
+            for stamp, value in points:
+                totals[stamp] = round(totals.get(stamp, 0.0) + value, 3)
+        body["points"] = [[stamp, totals[stamp]] for stamp in sorted(totals)]
+        body["series"] = series
+        return body
+
+    def _series_points(self, query: HistoryQuery, metric: str, resolution: int) -> list[list[Any]]:
+        """``[[iso time, value], ...]`` of one stored series, downsampled to the step."""
+        points = self.store.query(
+            (query.entity, query.entity_id or 0, metric), resolution, query.since, query.until
+        )
         ts, values = points.ts, points.avg
         natural = NATURAL_STEP.get(resolution, self.config.interval)
         if query.step is not None and query.step > natural:
@@ -858,17 +931,7 @@ class MetricsService:
             np.rint(ts * 1000).astype(np.int64).astype("datetime64[ms]"), unit="s"
         )
         rounded = np.round(values.astype(np.float64), 3).tolist()
-        return {
-            "entity": query.entity,
-            "id": query.entity_id,
-            "metric": query.metric,
-            "unit": METRICS[query.entity][query.metric],
-            "resolution": RESOLUTION_NAMES[resolution],
-            "step": query.step,
-            "since": iso(query.since),
-            "until": iso(query.until),
-            "points": [[f"{s}+00:00", v] for s, v in zip(stamps.tolist(), rounded, strict=True)],
-        }
+        return [[f"{s}+00:00", v] for s, v in zip(stamps.tolist(), rounded, strict=True)]
 
     def max_window(self) -> float:
         """The longest window a history query may ask for: what the 1-hour tier keeps."""

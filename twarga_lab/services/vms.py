@@ -128,7 +128,9 @@ def vm_to_json(vm: VM, owner: str, now: datetime | None = None) -> dict[str, Any
         "status": vm.status.value,
         "status_message": vm.status_message,
         "image": vm.image,
-        "os_type": vm.os_type,
+        # The seed's name for the image a VM was made from (Twarga Cloud's "ubuntu/focal64").
+        "os_type": vm.image,
+        "os_family": vm.os_type,
         "ram": vm.ram_mb,
         "cpu": vm.cpu,
         "disk": vm.disk_gb,
@@ -152,6 +154,21 @@ def validate_name(name: str) -> str:
             reason="invalid_name",
         )
     return name
+
+
+def requested_image(body: dict[str, Any]) -> str | None:
+    """The image a create body names: ``image``, or the seed's ``os_type`` (its alias).
+
+    Both given and different is a contradiction the caller must resolve (422)."""
+    image, os_type = body.get("image"), body.get("os_type")
+    if image and os_type and image != os_type:
+        raise ValidationFailed(
+            f"'image' ({image!r}) and its alias 'os_type' ({os_type!r}) name different images; "
+            "send one of them",
+            field="os_type",
+            reason="conflicting_fields",
+        )
+    return image or os_type
 
 
 def _check_range(value: int, low: int, high: int, field_name: str, unit: str) -> int:
@@ -300,13 +317,13 @@ class VMService:
         """Check values (types are the handler's job); raises ValidationFailed (422)."""
         b = self.config.bounds
         name = validate_name(body["name"])
-        image_name = body.get("image") or self.config.default_image
+        image_name = requested_image(body) or self.config.default_image
         try:
             image = self.images.get(image_name)
         except NotFound:
             raise ValidationFailed(
                 f"image {image_name!r} does not exist; GET /twarga/api/images lists them",
-                field="image",
+                field="image" if body.get("image") else "os_type",
                 reason="unknown_image",
             ) from None
         ram = _check_range(body.get("ram", b.min_ram_mb), b.min_ram_mb, b.max_ram_mb, "ram", "MB")
