@@ -436,6 +436,7 @@ class TwargaLabApp(ExtensionApp):
         services.consoles = ConsoleService(db, vms, self.libvirt_uri)
         return services
 
+        vms.billing = credits  # a VM that stops pays for its seconds since the last tick
     def metrics_config(self) -> MetricsConfig:
         """The metrics service's settings from the traits."""
         return MetricsConfig(

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from twarga_lab.db import Database, models
 from twarga_lab.db.models import VM, Account, CreditEntry, Quota, User, VMStatus
@@ -40,6 +41,13 @@ QUOTA_FIELDS = ("max_vms", "max_ram_mb", "max_cpu", "max_disk_gb")
 def utcnow() -> datetime:
     """The meter's clock (tests patch this)."""
     return models.utcnow()
+
+
+def unmetered_seconds(vm: VM, now: datetime) -> float:
+    """Seconds of running time of ``vm`` not yet charged (since the later of its last
+    metering and its last start)."""
+    since = max(t for t in (vm.metered_until, vm.started_at, vm.created_at) if t)
+    return (now - since).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -96,8 +104,7 @@ class CreditService:
             cost = 0
             parts = []
             for vm in vms:
-                since = max(t for t in (vm.metered_until, vm.started_at, vm.created_at) if t)
-                seconds = (now - since).total_seconds()
+                seconds = unmetered_seconds(vm, now)
                 if seconds <= 0:
                     continue
                 cost += self.rates.cost_milli(vm.cpu, vm.ram_mb, seconds)
@@ -120,6 +127,25 @@ class CreditService:
                     user_name=owner.name, action="credits_exhausted",
                     unpaid=(cost - charge) / MILLI,
                 )  # fmt: skip
+
+    def settle(self, session: Session, vm: VM, now: datetime | None = None) -> int:
+        """Bill ``vm``'s running time since the last metering pass, to the second, as it
+        stops or is destroyed (in the caller's transaction); returns the charge in
+        thousandths of a credit. Without this, the minutes between the last tick and a stop
+        would never be paid for."""
+        now = now or utcnow()
+        seconds = unmetered_seconds(vm, now)
+        if seconds <= 0:
+            return 0
+        vm.metered_until = now
+        lock_user(session, vm.owner_id)
+        cost = self.rates.cost_milli(vm.cpu, vm.ram_mb, seconds)
+        charge = min(cost, balance_milli(session, vm.owner_id))
+        if charge > 0:
+            add_credit_entry(
+                session, vm.owner_id, -charge, f"VM usage: {vm.name} {seconds:.0f} s", "meter"
+            )
+        return charge
 
     # -- admin ----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -45,6 +45,9 @@ from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEve
 from twarga_lab.virt.domain import SYSLOG_CHANNEL, ChannelSpec, DiskSpec, DomainSpec, UserNetSpec
 from twarga_lab.virt.images import Image, ImageStore, build_seed_iso, create_overlay
 from twarga_lab.virt.seed import build_tiny_seed, generate_password, sha512_crypt
+
+if TYPE_CHECKING:
+    from twarga_lab.services.credits import CreditService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -197,6 +200,8 @@ class VMService:
         self.images = images
         self.users = users
         self.config = config
+        # Bills the last seconds of a VM that stops (the app sets it; tests may leave it).
+        self.billing: CreditService | None = None
         self._locks: dict[int, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -550,6 +555,31 @@ class VMService:
                 self._set_status, vm_id, _STATE_TO_STATUS.get(state, VMStatus.error), None, "boot"
             )
 
+    def _settle(self, session: Session, vm: VM) -> None:
+        """Bill the running time since the last metering pass (``vm`` is leaving running)."""
+        if self.billing is not None:
+            self.billing.settle(session, vm)
+
+    def _require_credits(self, identity: Identity, vm_id: int, action: str) -> None:
+        """Refuse to (re)start a VM whose owner has no credits left (409 no_credits)."""
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            assert vm is not None
+            if balance_milli(session, vm.owner_id) > 0:
+                return
+            name, owner = vm.name, vm.owner.name
+        with self.db.session() as session:
+            record_event(
+                session, EventType.vm, Severity.warning,
+                f"{action} of VM {name} refused for {identity.name}: {owner} has no credits",
+                user_name=owner, vm_id=vm_id, action=action, actor=identity.name,
+                reason="no_credits",
+            )  # fmt: skip
+        raise QuotaExceeded(
+            f"{owner} has no credits left; ask an admin for more before starting VM {name}",
+            "no_credits",
+        )
+
     def _status(self, vm_id: int) -> VMStatus | None:
         with self.db.session() as session:
             vm = session.get(VM, vm_id)
@@ -572,6 +602,8 @@ class VMService:
             previous = vm.status
             if status is VMStatus.running and previous is not VMStatus.running:
                 vm.started_at = utcnow()
+            if previous is VMStatus.running and status is not VMStatus.running:
+                self._settle(session, vm)
             vm.status = status
             vm.status_message = message
             if previous is status and note is None:
@@ -641,6 +673,7 @@ class VMService:
     async def _start(self, identity: Identity, vm_id: int, status: VMStatus, domain: str) -> None:
         if status is VMStatus.running:
             return
+        await self._run(self._require_credits, identity, vm_id, "start")
         await self._run(
             self._set_status,
             vm_id,
@@ -728,6 +761,7 @@ class VMService:
         await self._run(self._set_status, vm_id, VMStatus.stopped, None, "force-stop")
 
     async def _restart(self, identity: Identity, vm_id: int, status: VMStatus, domain: str) -> None:
+        await self._run(self._require_credits, identity, vm_id, "restart")
         if status in (VMStatus.stopped, VMStatus.error):
             await self._start(identity, vm_id, status, domain)
             return
@@ -826,6 +860,8 @@ class VMService:
         def mark() -> str:
             with self.db.session() as session:
                 vm = self._get_owned(session, identity, vm_id)
+                if vm.status is VMStatus.running:
+                    self._settle(session, vm)
                 vm.status = VMStatus.destroying
                 assert vm.domain_name is not None
                 return vm.domain_name
@@ -902,6 +938,8 @@ class VMService:
         previous = vm.status
         if new is VMStatus.running:
             vm.started_at = utcnow()
+        elif previous is VMStatus.running:
+            self._settle(session, vm)
         vm.status = new
         vm.status_message = message
         if expected:
