@@ -37,6 +37,8 @@ from twarga_lab.virt.libvirt_backend import LibvirtBackend
 from twarga_lab.virt.probe import resolve_domain_type
 
 T = TypeVar("T")
+# A 16384-bit RSA key is about 2,800 characters; nothing real comes near this.
+MAX_SSH_KEY_CHARS = 8192
 SSH_KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
@@ -110,6 +112,12 @@ class Services:
         if key is None or not key.strip():
             return None
         words = key.strip().split()
+        if len(key) > MAX_SSH_KEY_CHARS:
+            raise ValidationFailed(
+                f"ssh_public_key may be at most {MAX_SSH_KEY_CHARS} characters",
+                field="ssh_public_key",
+                reason="ssh_key_too_long",
+            )
         if len(words) < 2 or words[0] not in SSH_KEY_TYPES or "\n" in key.strip():
             raise ValidationFailed(
                 "ssh_public_key must be one OpenSSH public key line such as "
@@ -308,6 +316,19 @@ class TwargaLabApp(ExtensionApp):
         "the same source doubles it (recorded, not enforced under user-mode networking).",
     ).tag(config=True)
 
+    max_body_bytes = Int(
+        64 * 1024,
+        help="""Largest request body (bytes) the Twarga API decodes; larger ones answer 413
+        before any JSON is parsed. API bodies are a few hundred bytes.""",
+    ).tag(config=True)
+    max_http_body_bytes = Int(
+        1024 * 1024,
+        help="""In service mode (the Hub's ``twarga`` service, reachable by every tenant), the
+        HTTP server's own limit (``ServerApp.max_body_size``, 512 MiB by default): bodies over
+        it are refused before they are read into memory. Personal mode keeps JupyterLab's
+        limit for file uploads.""",
+    ).tag(config=True)
+
     console_idle_timeout = Float(
         1800.0, help="Seconds without input after which a VM console session is closed."
     ).tag(config=True)
@@ -468,6 +489,12 @@ class TwargaLabApp(ExtensionApp):
             self.log.info("Twarga Lab: forwarding /twarga/api to %s", self.service_url)
             return
         self.services = self.build_services()
+        self.settings["twarga_lab_max_body_bytes"] = self.max_body_bytes
+        if self.resolved_mode == "service":
+            # Read before the HTTP server is made (it is, after extensions load).
+            self.serverapp.max_body_size = min(
+                self.serverapp.max_body_size, self.max_http_body_bytes
+            )
         if self.resolved_mode == "service" and os.environ.get("JUPYTERHUB_API_URL"):
             self.services.hub_users = HubUserDirectory(
                 os.environ["JUPYTERHUB_API_URL"], os.environ.get("JUPYTERHUB_API_TOKEN", "")

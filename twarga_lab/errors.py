@@ -75,6 +75,13 @@ class QuotaExceeded(Conflict):
     default_reason = "quota_exceeded"
 
 
+class PayloadTooLarge(TwargaError):
+    """The request body is larger than the API accepts."""
+
+    status_code = 413
+    default_reason = "body_too_large"
+
+
 class BackendUnavailable(TwargaError):
     """libvirt (or another backend) cannot be reached right now."""
 

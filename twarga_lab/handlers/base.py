@@ -11,6 +11,7 @@ from tornado import web
 
 from twarga_lab.errors import (
     InvalidRequest,
+    PayloadTooLarge,
     TwargaError,
     Unauthorized,
 )
@@ -63,6 +64,12 @@ class TwargaAPIHandler(ExtensionHandlerMixin, APIHandler):
             # 401 says "log in"; jupyter_server's default 403 would say "not allowed".
             raise Unauthorized("authentication required: send a token or log in")
         self._identity = await self.services.identify(self.current_user)
+        limit = self.settings.get("twarga_lab_max_body_bytes", 64 * 1024)
+        if len(self.request.body or b"") > limit:
+            # Refused before json.loads: decoding megabytes would stall everyone's requests.
+            raise PayloadTooLarge(
+                f"the request body may be at most {limit} bytes", "body_too_large"
+            )
 
     @property
     def services(self) -> Any:
