@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from twarga_lab.db import Database
-from twarga_lab.db.models import VM, User, VMStatus, utcnow
+from twarga_lab.db.models import VM, Event, User, VMStatus, utcnow
 from twarga_lab.errors import (
     Conflict,
     NotFound,
@@ -43,7 +43,14 @@ from twarga_lab.services.users import (
 )
 from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEvent
 from twarga_lab.virt.domain import SYSLOG_CHANNEL, ChannelSpec, DiskSpec, DomainSpec, UserNetSpec
-from twarga_lab.virt.images import Image, ImageStore, build_seed_iso, create_overlay
+from twarga_lab.virt.images import (
+    Image,
+    ImageStore,
+    build_seed_iso,
+    create_overlay,
+    qemu_account,
+    secure_instance_dir,
+)
 from twarga_lab.virt.seed import build_tiny_seed, generate_password, sha512_crypt
 
 if TYPE_CHECKING:
@@ -202,6 +209,8 @@ class VMService:
         self.config = config
         # Bills the last seconds of a VM that stops (the app sets it; tests may leave it).
         self.billing: CreditService | None = None
+        # Instance folders and files belong to the account libvirt runs QEMU as, 0700/0600.
+        self.file_owner = qemu_account()
         self._locks: dict[int, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -305,12 +314,30 @@ class VMService:
                 user_name=vm.owner.name, vm_id=vm.id, action="credentials_read",
                 actor=identity.name,
             )  # fmt: skip
-            return {
+            result: dict[str, Any] = {
                 "username": "root",
                 "password": vm.root_password,
                 "ssh_host": "127.0.0.1",
                 "ssh_port": vm.ssh_port,
+                "ssh_port_moved": None,
             }
+            moved = session.scalar(
+                select(Event)
+                .where(
+                    Event.vm_id == vm.id, Event.details["action"].as_string() == "ssh_port_moved"
+                )
+                .order_by(Event.id.desc())
+                .limit(1)
+            )
+            if moved is not None and moved.details.get("port") == vm.ssh_port:
+                # The owner's SSH client knows the old port: say why it changed.
+                result["ssh_port_moved"] = {
+                    "from": moved.details.get("previous_port"),
+                    "to": vm.ssh_port,
+                    "at": moved.created_at.isoformat(),
+                    "reason": "another program was listening on the old port",
+                }
+            return result
 
     def list_images(self) -> list[dict[str, object]]:
         """Bootable images."""
@@ -520,7 +547,15 @@ class VMService:
                     ssh_keys=[owner.ssh_public_key] if owner.ssh_public_key else [],
                 )
             self._ensure_tiny_seed(vm, image)
+            self._secure(folder)
             return spec
+
+    def _secure(self, folder: Path) -> None:
+        """Only QEMU's account (and root) may read a VM's disk, seeds and console log."""
+        instances = self.config.instances_dir
+        instances.mkdir(parents=True, exist_ok=True)
+        instances.chmod(0o711)  # others may pass through to their VMs' disks, not list them
+        secure_instance_dir(folder, self.file_owner)
 
     def _ensure_tiny_seed(self, vm: VM, image: Image) -> None:
         """A kernel image's seed disk: the owner's key and root's password hash (never the
@@ -542,6 +577,7 @@ class VMService:
             if status is not VMStatus.pending:
                 return  # destroyed (or handled) while queued
             try:
+                notice = await self._run(self._claim_ssh_port, vm_id)
                 spec = await self._run(self._prepare_disks, vm_id)
                 await self._run(self.backend.define, spec)
                 await self._run(self.backend.start, spec.name)
@@ -552,7 +588,7 @@ class VMService:
                 return
             state = await self._run(self.backend.state, spec.name)
             await self._run(
-                self._set_status, vm_id, _STATE_TO_STATUS.get(state, VMStatus.error), None, "boot"
+                self._set_status, vm_id, _STATE_TO_STATUS.get(state, VMStatus.error), notice, "boot"
             )
 
     def _settle(self, session: Session, vm: VM) -> None:
@@ -656,19 +692,56 @@ class VMService:
                 await self._restart(identity, vm_id, status, domain)
         return await self._run(self._view, vm_id)
 
-    async def _define_and_start(self, vm_id: int) -> str:
-        def work() -> str:
+    async def _define_and_start(self, vm_id: int) -> str | None:
+        """Define (with today's settings) and start a VM; returns a notice for its owner
+        when its SSH port had to move, else None."""
+
+        def work() -> str | None:
+            with self.db.session() as session:
+                vm = session.get(VM, vm_id)
+                assert vm is not None and vm.domain_name is not None
+                running = self.backend.state(vm.domain_name) is DomainState.running
+            notice = None if running else self._claim_ssh_port(vm_id)
             with self.db.session() as session:
                 vm = session.get(VM, vm_id)
                 assert vm is not None
                 spec = self.domain_spec(vm, vm.owner.name)
                 self._ensure_tiny_seed(vm, self.images.get(vm.image))  # VMs older than seeds
-            if self.backend.state(spec.name) is not DomainState.running:
-                self.backend.define(spec)  # picks up RAM/CPU edits made while stopped
+                self._secure(self.instance_dir(spec.name))  # and VMs older than this check
+            if not running:
+                self.backend.define(spec)  # picks up RAM/CPU and port changes made while off
             self.backend.start(spec.name)
-            return spec.name
+            return notice
 
         return await self._run(work)
+
+    def _claim_ssh_port(self, vm_id: int) -> str | None:
+        """Before a start: if another program listens on the VM's SSH forward port (a
+        local account could squat it while the VM is off and collect the owner's password
+        with a fake SSH server), move the VM to a free port, record a security event and
+        return a notice for the owner; None when the port is still the VM's."""
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            assert vm is not None
+            old = vm.ssh_port
+            if old is None or port_is_free(old):
+                return None
+            lock_user(session, vm.owner_id)
+            new = self._free_ssh_port(session)
+            vm.ssh_port = new
+            notice = (
+                f"SSH moved from port {old} (another program was listening there) to {new}; "
+                "connect to the new port and check the VM's host key"
+            )
+            record_event(
+                session, EventType.security, Severity.warning,
+                f"SSH port {old} of VM {vm.name} was taken by another program; "
+                f"the VM now forwards 127.0.0.1:{new}",
+                user_name=vm.owner.name, vm_id=vm.id, action="ssh_port_moved",
+                previous_port=old, port=new,
+            )  # fmt: skip
+            log.warning("VM %s: SSH port %s is taken, moved to %s", vm_id, old, new)
+            return notice
 
     async def _start(self, identity: Identity, vm_id: int, status: VMStatus, domain: str) -> None:
         if status is VMStatus.running:
@@ -687,13 +760,13 @@ class VMService:
         try:
             if status is VMStatus.error:
                 await self._run(self._prepare_disks, vm_id)  # a failed create may lack disks
-            await self._define_and_start(vm_id)
+            notice = await self._define_and_start(vm_id)
         except TwargaError as e:
             await self._run(self._set_status, vm_id, VMStatus.error, e.message, "start")
             raise
         state = await self._run(self.backend.state, domain)
         await self._run(
-            self._set_status, vm_id, _STATE_TO_STATUS.get(state, VMStatus.error), None, "start"
+            self._set_status, vm_id, _STATE_TO_STATUS.get(state, VMStatus.error), notice, "start"
         )
 
     async def _stop(self, identity: Identity, vm_id: int, status: VMStatus, domain: str) -> None:
@@ -739,8 +812,8 @@ class VMService:
         if then_start:
             async with self._lock(vm_id):
                 if await self._run(self._status, vm_id) is VMStatus.stopped:
-                    await self._define_and_start(vm_id)
-                    await self._run(self._set_status, vm_id, VMStatus.running, None, "restart")
+                    notice = await self._define_and_start(vm_id)
+                    await self._run(self._set_status, vm_id, VMStatus.running, notice, "restart")
 
     async def _force_stop(
         self, identity: Identity, vm_id: int, status: VMStatus, domain: str

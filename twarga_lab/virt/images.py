@@ -68,6 +68,62 @@ def qemu_img(*args: str) -> str:
     return done.stdout
 
 
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+# Debian's build of libvirt runs QEMU as this user and group (qemu.conf can change both).
+DEFAULT_QEMU_USER = DEFAULT_QEMU_GROUP = "libvirt-qemu"
+_QEMU_CONF_LINE = re.compile(r"\s*(user|group)\s*=\s*\"([^\"]+)\"\s*")
+
+
+@dataclass(frozen=True)
+class FileOwner:
+    """The account (uid, gid) that QEMU runs as under libvirt's system daemon."""
+
+    uid: int
+    gid: int
+
+
+def qemu_account(conf: Path = QEMU_CONF) -> FileOwner | None:
+    """Who libvirt runs QEMU as: ``user``/``group`` of ``qemu.conf``, else Debian's
+    ``libvirt-qemu`` user and group; None when that account does not exist."""
+    import grp
+    import pwd
+
+    settings: dict[str, str] = {}
+    try:
+        for line in conf.read_text().splitlines():
+            match = _QEMU_CONF_LINE.fullmatch(line)
+            if match:
+                settings[match.group(1)] = match.group(2)
+    except OSError:
+        pass  # not readable or absent: libvirt uses its built-in defaults, and so do we
+    try:
+        user = pwd.getpwnam(settings.get("user", DEFAULT_QEMU_USER))
+    except KeyError:
+        return None
+    try:
+        gid = grp.getgrnam(settings.get("group", DEFAULT_QEMU_GROUP)).gr_gid
+    except KeyError:
+        gid = user.pw_gid
+    return FileOwner(user.pw_uid, gid)
+
+
+def secure_instance_dir(folder: Path, owner: FileOwner | None) -> None:
+    """Make a VM's folder 0700 and its files (disk, seeds, console log) 0600, all owned by
+    QEMU's account: other local accounts can neither list the folder nor read a disk.
+
+    libvirt's dynamic ownership chowns the disks to QEMU's account at start and gives them
+    back at stop; owning them (and the folder) already keeps both states private and
+    reachable by QEMU. The service itself runs as root, which needs no permission bits.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in [folder, *folder.iterdir()]:
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            continue  # never follow a link, nor touch sockets
+        path.chmod(0o700 if path.is_dir() else 0o600)
+        if owner is not None:
+            os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
+
+
 def create_overlay(base: Path, dest: Path, size_gb: int) -> None:
     """A qcow2 overlay ``dest`` backed by ``base`` with a virtual size of ``size_gb``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
