@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from twarga_lab.db import Database  # noqa: E402
 from twarga_lab.db.models import VM, User, VMStatus  # noqa: E402
 from twarga_lab.services import metric_store  # noqa: E402
-from twarga_lab.services import metrics as metrics_module  # noqa: E402
+from twarga_lab.services.metrics import catalogue as metrics_catalogue  # noqa: E402
 from twarga_lab.services.metric_store import RAW, MetricStore  # noqa: E402
 from twarga_lab.services.metrics import LoopLagProbe, MetricsConfig, MetricsService  # noqa: E402
 from twarga_lab.virt.domain import DiskSpec, DomainSpec, build_domain_xml  # noqa: E402
@@ -464,7 +464,7 @@ def bench_stalls(folder: Path, seconds: float) -> None:
             # A clock 120x fast: raw chunks (10 min) close every 5 s, rollups every 30 s.
             started = time.time()
             fast_clock = lambda s=started: T0 + (time.time() - s) * 120  # noqa: E731
-            metrics_module.clock = fast_clock
+            metrics_catalogue.clock = fast_clock
             metric_store.clock = fast_clock
             probe = asyncio.run(stall_run(service, seconds, on_loop))
             results[name] = (probe, service.ticks, service.store.stats())

@@ -1,0 +1,37 @@
+"""Host and VM metrics, one module a job: ``catalogue`` (names, units, settings, clock),
+``readers`` (host and VMs), ``thresholds``, ``history`` (queries), ``prometheus``,
+``probes`` (event-loop stalls, thread priority) and ``service`` (the collector and API).
+"""
+
+from twarga_lab.services.metrics.catalogue import (
+    HOST_METRICS,
+    METRICS,
+    SEED_METRICS,
+    VM_METRICS,
+    MetricsConfig,
+    Thresholds,
+    clock,
+)
+from twarga_lab.services.metrics.history import HistoryQuery, parse_history_query, parse_time
+from twarga_lab.services.metrics.probes import LoopLagProbe
+from twarga_lab.services.metrics.readers import HostReader, VMReading
+from twarga_lab.services.metrics.service import MetricsService
+from twarga_lab.services.metrics.thresholds import ThresholdWatch
+
+__all__ = [
+    "HOST_METRICS",
+    "METRICS",
+    "SEED_METRICS",
+    "VM_METRICS",
+    "HistoryQuery",
+    "HostReader",
+    "LoopLagProbe",
+    "MetricsConfig",
+    "MetricsService",
+    "ThresholdWatch",
+    "Thresholds",
+    "VMReading",
+    "clock",
+    "parse_history_query",
+    "parse_time",
+]
