@@ -14,13 +14,21 @@ this same file (defaults in brackets):
 - TWARGA_VMS_DIR / TWARGA_IMAGES_DIR  VM storage [<repo>/vms, <repo>/vms/images]
 - TWARGA_LIBVIRT_URI                  [qemu:///system]
 - TWARGA_ADMIN_USER                   the first admin [admin]
-- TWARGA_EXTRA_SERVICE_ARGS           more arguments for the service (space separated)
+- TWARGA_SUBDOMAIN_HOST               e.g. http://lab.example.org:8000: each user's server
+                                      on its own origin (<name>.lab.example.org), the
+                                      service on twarga--service.lab.example.org [off]
+- TWARGA_METRICS_SCRAPE_TOKEN         the Prometheus scrape token of the service [none]
+- TWARGA_EXTRA_SERVICE_ARGS           more arguments for the service (space separated;
+                                      they are on its command line: no secrets here)
 """
 
 import os
 import shlex
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from jupyterhub.utils import subdomain_hook_idna
 
 from twarga_lab.hub.spawn import prepare_user_home
 
@@ -42,6 +50,14 @@ IMAGES_DIR = os.environ.get("TWARGA_IMAGES_DIR", str(Path(VMS_DIR) / "images"))
 LIBVIRT_URI = os.environ.get("TWARGA_LIBVIRT_URI", "qemu:///system")
 ADMIN = os.environ.get("TWARGA_ADMIN_USER", "admin")
 PUBLIC_URL = f"http://{HUB_IP}:{HUB_PORT}"
+SUBDOMAIN_HOST = os.environ.get("TWARGA_SUBDOMAIN_HOST", "").rstrip("/")
+if SUBDOMAIN_HOST:
+    _host = urlsplit(SUBDOMAIN_HOST)
+    _service_host = subdomain_hook_idna("twarga", _host.hostname, "service")
+    _port = f":{_host.port}" if _host.port else ""
+    SERVICE_PUBLIC_URL = f"{_host.scheme}://{_service_host}{_port}/services/twarga/"
+else:
+    SERVICE_PUBLIC_URL = f"{PUBLIC_URL}/services/twarga/"
 
 # -- the Hub and its proxy --------------------------------------------------------------
 c.JupyterHub.bind_url = f"{PUBLIC_URL}/"
@@ -53,6 +69,10 @@ c.ConfigurableHTTPProxy.pid_file = str(STATE / "jupyterhub-proxy.pid")
 c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{HUB_API_PORT + 1}"
 c.JupyterHub.template_paths = [str(REPO / "twarga_lab" / "hub" / "templates")]
 c.JupyterHub.cleanup_servers = True
+# On one origin, a page from any user's server can script every other page of the Hub
+# (JupyterHub's documented limit); subdomains give each user's server its own origin.
+if SUBDOMAIN_HOST:
+    c.JupyterHub.subdomain_host = SUBDOMAIN_HOST
 
 # -- who may log in ---------------------------------------------------------------------
 c.JupyterHub.authenticator_class = "twarga_lab.hub.authenticator.TwargaAuthenticator"
@@ -61,13 +81,22 @@ c.Authenticator.admin_users = {ADMIN}
 c.Authenticator.allow_all = True  # anyone the authenticator accepts (approved accounts)
 
 # -- the twarga service -----------------------------------------------------------------
+# Settings travel in the service's environment, never in its argv: every account can read
+# /proc/<pid>/cmdline and the Hub logs the command, while /proc/<pid>/environ of a root
+# process is root's alone. The database URL may hold a PostgreSQL password.
+service_environment = {
+    "TWARGA_MODE": "service",
+    "PATH": os.environ.get("PATH", ""),
+    "TWARGA_DB_URL": DB_URL,
+    "TWARGA_VMS_DIR": VMS_DIR,
+    "TWARGA_IMAGES_DIR": IMAGES_DIR,
+    "TWARGA_LIBVIRT_URI": LIBVIRT_URI,
+}
+if os.environ.get("TWARGA_METRICS_SCRAPE_TOKEN"):
+    service_environment["TWARGA_METRICS_SCRAPE_TOKEN"] = os.environ["TWARGA_METRICS_SCRAPE_TOKEN"]
 service_command = [
     str(VENV_BIN / "jupyterhub-singleuser"),
     f"--config={REPO / 'hub_config' / 'twarga_service_config.py'}",
-    f"--TwargaLabApp.db_url={DB_URL}",
-    f"--TwargaLabApp.vms_dir={VMS_DIR}",
-    f"--TwargaLabApp.images_dir={IMAGES_DIR}",
-    f"--TwargaLabApp.libvirt_uri={LIBVIRT_URI}",
     f"--ServerApp.root_dir={STATE}",
     *shlex.split(os.environ.get("TWARGA_EXTRA_SERVICE_ARGS", "")),
 ]
@@ -79,7 +108,7 @@ c.JupyterHub.services = [
         "oauth_no_confirm": True,
         "display": True,
         "info": {"description": "Twarga Lab: your virtual machines"},
-        "environment": {"TWARGA_MODE": "service", "PATH": os.environ.get("PATH", "")},
+        "environment": service_environment,
     }
 ]
 c.JupyterHub.load_roles = [
@@ -107,6 +136,8 @@ c.Spawner.server_token_scopes = [
 c.Spawner.pre_spawn_hook = prepare_user_home
 c.Spawner.environment = {
     "TWARGA_MODE": "proxy",
-    "TWARGA_URL": f"{PUBLIC_URL}/services/twarga/",
+    "TWARGA_URL": SERVICE_PUBLIC_URL,
+    # labconfig/page_config.json there: no "get notified about Jupyter news?" question.
+    "JUPYTER_CONFIG_PATH": str(REPO / "hub_config" / "jupyter"),
     "TWARGA_SERVICE_URL": f"http://127.0.0.1:{SERVICE_PORT}/services/twarga/",
 }

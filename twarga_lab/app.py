@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from jupyter_server.extension.application import ExtensionApp
+from sqlalchemy.engine import make_url
 from traitlets import Enum, Float, Int, TraitError, Unicode, default, validate
 
 from twarga_lab.db import Database
@@ -507,7 +508,8 @@ class TwargaLabApp(ExtensionApp):
             "Twarga Lab: libvirt %s, domain type %s, database %s",
             self.libvirt_uri,
             self.services.vms.config.domain_type,
-            self.db_url,
+            # The URL may hold a PostgreSQL password: the log shows "***" instead.
+            make_url(self.db_url).render_as_string(hide_password=True),
         )
 
     def initialize_handlers(self) -> None:

@@ -167,10 +167,16 @@ def api(hub: HubProcess, token: str, method: str, path: str, body: Any = None) -
 
 
 def prepare_hub(
-    root: Path, images: Path, libvirt_uri: str, domain_prefix: str, *service_args: str
+    root: Path,
+    images: Path,
+    libvirt_uri: str,
+    domain_prefix: str,
+    *service_args: str,
+    db_url: str | None = None,
 ) -> dict[str, str]:
     """The environment of a Hub whose state lives under ``root`` (made here), on free
-    ports, with its first admin created; ``service_args`` go to the twarga service."""
+    ports, with its first admin created; ``service_args`` go to the twarga service, and
+    Twarga's database is ``db_url`` (a SQLite file under ``root`` by default)."""
     root.mkdir(mode=0o755)
     (root / "private").mkdir(mode=0o700)
     # The proxy's API listens on the Hub API port + 1: keep all four ports distinct.
@@ -188,7 +194,7 @@ def prepare_hub(
         "TWARGA_HUB_API_PORT": str(api_port),
         "TWARGA_SERVICE_PORT": str(service_port),
         "TWARGA_STATE_DIR": str(root / "private"),
-        "TWARGA_DB_URL": f"sqlite:///{root / 'private' / 'twarga.db'}",
+        "TWARGA_DB_URL": db_url or f"sqlite:///{root / 'private' / 'twarga.db'}",
         "TWARGA_VMS_DIR": str(root / "vms"),
         "TWARGA_IMAGES_DIR": str(images),
         "TWARGA_LIBVIRT_URI": libvirt_uri,
@@ -198,7 +204,7 @@ def prepare_hub(
         "_TWARGA_ROOT": str(root),
     }
     subprocess.run(
-        [str(VENV_BIN / "twarga-lab"), "create-admin", "--db-url", env["TWARGA_DB_URL"]],
+        [str(VENV_BIN / "twarga-lab"), "create-admin"],  # the URL from $TWARGA_DB_URL
         env=env,
         check=True,
         capture_output=True,

@@ -7,17 +7,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 
+from tests.conftest import make_placeholder_image
+from tests.hub.conftest import HubProcess, api, prepare_hub, wait_until
+from tests.hub.test_hub_journey import approved_user
 from twarga_lab.hub.spawn import prepare_user_home
 from twarga_lab.notebooks import FOLDER, notebook_templates
 
@@ -109,3 +115,245 @@ def test_links_to_root_files_inside_the_folder_are_not_followed(account, root_di
         assert as_user(account, "ln", "-s", str(root_dir / "passwd"), str(link)).returncode == 0
     run_hook(account)
     assert snapshot(root_dir) == before
+
+
+# -- against a real Hub -------------------------------------------------------------------
+
+SCRAPE_TOKEN = "scrape-" + secrets.token_hex(16)
+DB_PASSWORD = "pg-" + secrets.token_hex(12)
+# Every process's command line, as any account on the host can read them.
+DUMP_CMDLINES = """
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            print(pid, f.read().replace(b"\\0", b" ").decode(errors="replace"))
+    except OSError:
+        pass
+"""
+# Read /proc/<pid>/environ of the pids on stdin: "pid denied" or "pid <content>".
+READ_ENVIRON = """
+import sys
+for pid in sys.stdin.read().split():
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            print(pid, f.read().replace(b"\\0", b" ").decode(errors="replace"))
+    except PermissionError:
+        print(pid, "denied")
+"""
+
+
+@pytest.fixture(scope="module")
+def hub_env(postgres_server: str) -> Iterator[dict[str, str]]:
+    """The shared Hub environment: Twarga's database on PostgreSQL with a password in its
+    URL (the throwaway cluster trusts 127.0.0.1, so any password is accepted), and a
+    metrics scrape token for the service."""
+    from sqlalchemy import create_engine
+
+    name = f"twarga_hard_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    server = postgres_server.rsplit("/", 1)[0].replace("postgres@", f"postgres:{DB_PASSWORD}@")
+    root = Path("/tmp") / f"twarga-hard-{uuid.uuid4().hex[:8]}"
+    images = root.parent / f"{root.name}-images"
+    make_placeholder_image(images)
+    prefix = f"th{uuid.uuid4().hex[:6]}-"
+    env = prepare_hub(root, images, "test:///default", prefix, db_url=f"{server}/{name}")
+    env["TWARGA_METRICS_SCRAPE_TOKEN"] = SCRAPE_TOKEN
+    yield env
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(images, ignore_errors=True)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        conn.exec_driver_sql(f"DROP DATABASE {name}")
+    admin.dispose()
+
+
+def start_server(hub: HubProcess, name: str, token: str) -> None:
+    auth = {"Authorization": f"token {token}"}
+    started = httpx.post(f"{hub.url}/hub/api/users/{name}/server", headers=auth, timeout=60)
+    assert started.status_code in (201, 202), started.text
+
+    def ready() -> bool:
+        model = httpx.get(f"{hub.url}/hub/api/users/{name}", headers=auth, timeout=10).json()
+        return bool(model.get("servers", {}).get("", {}).get("ready"))
+
+    wait_until(ready, 120, f"{name}'s server starting")
+
+
+def stop_server(hub: HubProcess, name: str, token: str) -> None:
+    auth = {"Authorization": f"token {token}"}
+    httpx.delete(f"{hub.url}/hub/api/users/{name}/server", headers=auth, timeout=60)
+
+
+def pids_of(word: str) -> list[str]:
+    """Pids whose command line holds ``word`` (read as root)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if word.encode() in cmdline:
+            found.append(pid)
+    return found
+
+
+def environ_as(user: str, pids: list[str]) -> dict[str, str]:
+    result = subprocess.run(
+        ["runuser", "-u", user, "--", sys.executable, "-c", READ_ENVIRON],
+        input=" ".join(pids), capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return dict(line.split(" ", 1) for line in result.stdout.splitlines())
+
+
+def proxy_pid(hub: HubProcess) -> str:
+    return (Path(hub.env["TWARGA_STATE_DIR"]) / "jupyterhub-proxy.pid").read_text().strip()
+
+
+def proxy_token(hub: HubProcess) -> str:
+    environ = Path(f"/proc/{proxy_pid(hub)}/environ").read_bytes().split(b"\0")
+    token = next(v for v in environ if v.startswith(b"CONFIGPROXY_AUTH_TOKEN="))
+    return token.split(b"=", 1)[1].decode()
+
+
+def test_no_secret_is_on_a_command_line_or_in_the_hubs_log(hub):
+    name, token, _ = approved_user(hub, "se")
+    start_server(hub, name, token)
+    try:
+        db_url = hub.env["TWARGA_DB_URL"]
+        assert DB_PASSWORD in db_url
+        chp_token = proxy_token(hub)
+        dump = as_user(name, sys.executable, "-c", DUMP_CMDLINES)
+        assert dump.returncode == 0, dump.stderr
+        # The user does see root's processes: the service's and the proxy's command lines.
+        assert "twarga_service_config.py" in dump.stdout
+        assert "configurable-http-proxy" in dump.stdout
+        for secret in (DB_PASSWORD, SCRAPE_TOKEN, chp_token):
+            assert secret not in dump.stdout
+        log = hub.log.read_text(errors="replace")
+        assert "twarga_service_config.py" in log  # the Hub did log the service's command
+        assert "database postgresql+psycopg://postgres:***@" in log  # the service's, masked
+        for secret in (DB_PASSWORD, SCRAPE_TOKEN, chp_token):
+            assert secret not in log
+
+        # The service's and the proxy's environments are root's alone; the user's own
+        # server (whose environment the user reads) got none of them.
+        service = pids_of("twarga_service_config.py")
+        own = pids_of("user_server_config.py")
+        assert service and own
+        seen = environ_as(name, [*service, proxy_pid(hub), *own])
+        assert all(seen[pid] == "denied" for pid in [*service, proxy_pid(hub)]), seen
+        mine = " ".join(seen[pid] for pid in own)
+        assert f"JUPYTERHUB_USER={name}" in mine  # it is readable, and it is the user's
+        for secret in (DB_PASSWORD, SCRAPE_TOKEN, chp_token):
+            assert secret not in mine
+
+        # The service got them from its environment: its database and its scrape token.
+        created = api(hub, token, "POST", "vms", {"name": "env-1"})
+        assert created.status_code == 201, created.text
+        from sqlalchemy import create_engine
+
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            names = {row[0] for row in conn.exec_driver_sql("SELECT name FROM vms")}
+        engine.dispose()
+        assert "env-1" in names
+        scrape = httpx.get(
+            f"{hub.url}/services/twarga/twarga/metrics",
+            headers={"Authorization": f"Bearer {SCRAPE_TOKEN}"}, timeout=60,
+        )  # fmt: skip
+        assert scrape.status_code == 200, scrape.text
+        assert "# TYPE" in scrape.text
+    finally:
+        stop_server(hub, name, token)
+
+
+def curl_as(user: str, method: str, url: str, headers: list[str], body: str | None) -> int:
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, "--max-time", "30"]
+    for header in headers:
+        argv += ["-H", header]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "--data", body]
+    result = as_user(user, *argv, url)
+    return int(result.stdout or 0)
+
+
+def test_loopback_ports_refuse_users_without_a_valid_token(hub):
+    name, token, _ = approved_user(hub, "pt")
+    service = f"http://127.0.0.1:{hub.env['TWARGA_SERVICE_PORT']}/services/twarga"
+    hub_api = f"http://127.0.0.1:{hub.env['TWARGA_HUB_API_PORT']}/hub/api"
+    chp_api = f"http://127.0.0.1:{int(hub.env['TWARGA_HUB_API_PORT']) + 1}/api"
+    calls = [
+        ("GET", f"{service}/twarga/api/me", None),
+        ("GET", f"{service}/twarga/api/vms?all=1", None),
+        ("POST", f"{service}/twarga/api/vms", '{"name": "direct"}'),
+        ("GET", f"{service}/twarga/api/admin/users", None),
+        ("GET", f"{service}/twarga/metrics", None),
+        ("GET", f"{service}/api/contents", None),
+        ("POST", f"{service}/api/kernels", "{}"),
+        ("GET", f"{hub_api}/users", None),
+        ("POST", f"{hub_api}/users/admin/tokens", "{}"),
+        ("GET", f"{chp_api}/routes", None),
+        ("POST", f"{chp_api}/routes/stolen", '{"target": "http://127.0.0.1:9"}'),
+    ]
+    for headers in ([], ["Authorization: token not-a-token"], ["Authorization: Bearer nope"]):
+        for method, url, body in calls:
+            status = curl_as(name, method, url, headers, body)
+            assert status in (401, 403), (method, url, headers, status)
+    # The user's own Hub token is no key to the proxy's routing table.
+    for method, url, body in calls[-2:]:
+        status = curl_as(name, method, url, [f"Authorization: token {token}"], body)
+        assert status in (401, 403), (method, url, status)
+    # The proxy's token is in no place the user can read: not on a command line, not in
+    # the environment of the Hub or the proxy (root's processes).
+    chp_token = proxy_token(hub)
+    dump = as_user(name, sys.executable, "-c", DUMP_CMDLINES)
+    assert "configurable-http-proxy" in dump.stdout and chp_token not in dump.stdout
+    seen = environ_as(name, [proxy_pid(hub), str(hub.proc.pid)])
+    assert set(seen.values()) == {"denied"}, seen
+    # And nothing above changed the routes: the real token shows no "stolen" one.
+    routes = httpx.get(
+        f"{chp_api}/routes", headers={"Authorization": f"token {chp_token}"}, timeout=30
+    )
+    assert routes.status_code == 200
+    assert "/stolen" not in routes.json()
+    assert api(hub, token, "GET", "vms").json() == []  # no VM "direct" either
+
+
+def test_a_cookie_request_from_another_origin_or_a_users_page_is_refused(hub):
+    name, token, client = approved_user(hub, "co")
+    me = "/services/twarga/twarga/api/me"
+    # Any page of the service sends a logged-in browser through the Hub's OAuth and back
+    # with the service's own cookie (files/ itself is refused: the service serves none).
+    page = client.http.get("/services/twarga/files/x", follow_redirects=True)
+    assert page.status_code == 403
+    assert "service-twarga" in {cookie.name for cookie in client.http.cookies.jar}
+    first = client.http.get(me)
+    assert first.status_code == 200, first.text
+    assert first.json()["name"] == name
+    port = hub.env["TWARGA_HUB_PORT"]
+    assert client.http.get(me, headers={"Origin": hub.url}).status_code == 200
+    assert client.http.get(me, headers={"Referer": f"{hub.url}/hub/home"}).status_code == 200
+    refused = [
+        {"Origin": f"http://mallory.localhost:{port}"},  # another user's subdomain
+        {"Origin": "http://evil.example"},
+        {"Referer": f"http://mallory.localhost:{port}/user/mallory/files/x.html"},
+        # Same origin, but a page served by a user's server:
+        {"Origin": hub.url, "Referer": f"{hub.url}/user/mallory/files/x.html"},
+        {"Referer": f"{hub.url}/user/{name}/lab"},
+    ]
+    for headers in refused:
+        reply = client.http.get(me, headers=headers)
+        assert reply.status_code in (403, 404), (headers, reply.status_code)
+        assert name not in reply.text
+    # A token is never sent by a browser on its own: with one, the origin does not matter.
+    with_token = httpx.get(
+        f"{hub.url}{me}",
+        headers={"Authorization": f"token {token}", "Origin": "http://evil.example"},
+        timeout=60,
+    )
+    assert with_token.status_code == 200
