@@ -317,3 +317,18 @@ async def test_reconcile_at_start_fixes_drift(api, twarga):
     with services.db.session() as session:
         row = session.get(VM, vm["id"])
         assert row is not None and row.status.value == "error"
+
+
+async def test_an_image_pointing_at_a_host_file_cannot_be_used(api, twarga, fake_image_dir):
+    import json
+
+    from tests.conftest import make_placeholder_image
+
+    evil = make_placeholder_image(fake_image_dir, "evil/passwd")
+    meta = json.loads((evil / "image.json").read_text())
+    (evil / "image.json").write_text(json.dumps({**meta, "base_disk": "../../etc/passwd"}))
+    images = (await api("GET", "images")).json
+    assert "evil/passwd" not in [i["name"] for i in images]
+    reply = await api("POST", "vms", body={"name": "thief", "image": "evil/passwd"})
+    assert (reply.status, reply.json["reason"]) == (422, "unknown_image")
+    assert (await api("GET", "vms")).json == []

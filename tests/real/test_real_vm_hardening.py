@@ -163,3 +163,67 @@ async def banner_starts(port: int, prefix: bytes) -> bool:
         return ssh_banner(port).startswith(prefix)
     except OSError:
         return False  # not listening yet, or closed before the banner
+
+
+async def test_a_restart_finishes_interrupted_work_and_removes_orphans(
+    api, twarga, cleanup_domains
+):
+    from twarga_lab.db.models import VM, VMStatus
+    from twarga_lab.virt.images import virtual_size_bytes
+
+    vms = twarga.services.vms
+    doomed, _ = await boot(api, twarga, "doomed")
+    half, half_log = await boot(api, twarga, "half")
+    await api("POST", f"vms/{half['id']}/action", body={"action": "force-stop"})
+    await wait_status(api, half["id"], "stopped", timeout=30)
+    # What a crash leaves: a destroy marked but not done (domain and disk still there) ...
+    # ... a create that wrote half a disk and half a seed ...
+    half_dir = vms.instance_dir(half["domain"])
+    (half_dir / "disk.qcow2").write_bytes(b"QFI\xfb" + b"\0" * 100)
+    with open(half_dir / "twarga-seed.iso", "r+b") as seed:
+        seed.truncate(4096)
+    with twarga.services.db.session() as session:
+        session.get(VM, doomed["id"]).status = VMStatus.destroying
+        session.get(VM, half["id"]).status = VMStatus.pending
+    # ... and a domain with our prefix that no VM row knows, with its folder.
+    ghost = f"{twarga.domain_prefix}999-ghost"
+    ghost_xml = half_dir.parent / "ghost.xml"
+    ghost_xml.write_text(
+        f"<domain type='qemu'><name>{ghost}</name><memory unit='MiB'>64</memory>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>"
+    )
+    assert virsh("define", str(ghost_xml)).returncode == 0
+    ghost_xml.unlink()
+    ghost_dir = vms.instance_dir(ghost)
+    ghost_dir.mkdir()
+    (ghost_dir / "disk.qcow2").write_bytes(b"left behind")
+
+    restarted = twarga.build_services()  # the service starting again on the same database
+    try:
+        await restarted.vms.start_up()
+        # The interrupted destroy is finished: no domain, no disk, no VM.
+        assert virsh("dominfo", doomed["domain"]).returncode != 0
+        assert not vms.instance_dir(doomed["domain"]).exists()
+        assert (await api("GET", f"vms/{doomed['id']}")).status == 404
+        # The orphan is reported and gone with its folder.
+        assert virsh("dominfo", ghost).returncode != 0
+        assert not ghost_dir.exists()
+        with twarga.services.db.session() as session:
+            orphan = session.scalars(
+                select(Event).where(Event.details["action"].as_string() == "orphan_removed")
+            ).all()
+            assert [e.details["domain"] for e in orphan] == [ghost]
+            assert orphan[0].severity == "warning"
+        # The interrupted create is rebuilt from scratch and boots.
+        await wait_status(api, half["id"], "running", timeout=BOOT_TIMEOUT)
+        banner = "Twarga Lab VM half is up"
+        await wait_for(lambda: console_says(half_log, banner), timeout=BOOT_TIMEOUT, interval=0.2)
+        assert virtual_size_bytes(half_dir / "disk.qcow2") == half["disk"] * 2**30
+        assert (half_dir / "twarga-seed.iso").stat().st_size > 4096
+        assert not list(half_dir.glob(".*.tmp"))
+    finally:
+        await restarted.vms.wait_idle()
+        await restarted.vms.shut_down()
+        restarted.backend.close()
+        restarted.db.dispose()
+    assert (await api("DELETE", f"vms/{half['id']}")).status == 204

@@ -69,3 +69,71 @@ def test_add_a_cloud_image_from_a_local_qcow2(tmp_path):
         store.add_disk_image("raw/one", raw)
     with pytest.raises(InvalidRequest):
         store.add_disk_image("Bad Name", source)
+
+
+def write_meta(folder, **overrides):
+    meta = json.loads((folder / "image.json").read_text())
+    meta.update(overrides)
+    (folder / "image.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"base_disk": "../../etc/passwd"},
+        {"base_disk": "/etc/passwd"},
+        {"kernel": "../../../boot/vmlinuz"},
+        {"initrd": "/etc/shadow"},
+        {"base_disk": "sub/../../tiny/base.qcow2"},
+    ],
+)
+def test_an_image_naming_a_file_outside_its_folder_is_refused(tmp_path, overrides):
+    store = ImageStore(tmp_path / "images")
+    make_placeholder_image(store.root)
+    evil = make_placeholder_image(store.root, "evil/one")
+    write_meta(evil, **overrides)
+    assert [i.name for i in store.list()] == ["twarga/tiny"]
+    with pytest.raises(NotFound):
+        store.get("evil/one")
+
+
+def test_a_link_out_of_the_image_folder_is_refused(tmp_path):
+    store = ImageStore(tmp_path / "images")
+    evil = make_placeholder_image(store.root, "evil/link")
+    (evil / "vmlinuz").unlink()
+    (evil / "vmlinuz").symlink_to("/etc/passwd")
+    with pytest.raises(NotFound):
+        store.get("evil/link")
+
+
+def test_a_base_disk_backed_by_a_host_file_is_refused(tmp_path):
+    secret = tmp_path / "secret.qcow2"  # stands for any host file QEMU could be made to read
+    qemu_img("create", "-q", "-f", "qcow2", str(secret), "1G")
+    store = ImageStore(tmp_path / "images")
+    evil = make_placeholder_image(store.root, "evil/backed")
+    (evil / "base.qcow2").unlink()
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(secret), str(evil / "base.qcow2")
+    )
+    with pytest.raises(NotFound):
+        store.get("evil/backed")
+    # A backing file inside the image's own folder is fine.
+    fine = make_placeholder_image(store.root, "fine/backed")
+    qemu_img("create", "-q", "-f", "qcow2", str(fine / "root.qcow2"), "1G")
+    (fine / "base.qcow2").unlink()
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "root.qcow2", str(fine / "base.qcow2")
+    )
+    assert store.get("fine/backed").base_disk == fine / "base.qcow2"
+    # And registering a qcow2 with a backing file is refused outright.
+    with pytest.raises(InvalidRequest, match="backing file"):
+        store.add_disk_image("evil/added", evil / "base.qcow2")
+
+
+def test_an_interrupted_overlay_leaves_no_disk_behind(tmp_path):
+    from twarga_lab.errors import BackendError
+
+    disk = tmp_path / "vm" / "disk.qcow2"
+    with pytest.raises(BackendError):
+        create_overlay(tmp_path / "missing-base.qcow2", disk, 10)
+    assert list(disk.parent.iterdir()) == []

@@ -42,7 +42,14 @@ from twarga_lab.services.users import (
     usage,
 )
 from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEvent
-from twarga_lab.virt.domain import SYSLOG_CHANNEL, ChannelSpec, DiskSpec, DomainSpec, UserNetSpec
+from twarga_lab.virt.domain import (
+    SYSLOG_CHANNEL,
+    ChannelSpec,
+    DiskSpec,
+    DomainSpec,
+    UserNetSpec,
+    read_twarga_metadata,
+)
 from twarga_lab.virt.images import (
     Image,
     ImageStore,
@@ -248,6 +255,7 @@ class VMService:
         if add_reconnect is not None:
             add_reconnect(self._on_reconnect_thread)
         await self.reconcile(reason="service start")
+        await self.remove_orphans()
 
     async def shut_down(self) -> None:
         """Cancel background work."""
@@ -536,6 +544,9 @@ class VMService:
             spec = self.domain_spec(vm, owner.name)
             image = self.images.get(vm.image)
             folder = self.instance_dir(vm.domain_name)
+            if folder.is_dir():
+                for partial in folder.glob(".*.tmp"):
+                    partial.unlink()  # an interrupted write; the real file was never renamed
             disk = folder / "disk.qcow2"
             if not disk.exists():
                 create_overlay(image.base_disk, disk, vm.disk_gb)
@@ -576,7 +587,15 @@ class VMService:
             status = await self._run(self._status, vm_id)
             if status is not VMStatus.pending:
                 return  # destroyed (or handled) while queued
+            domain = await self._run(self._domain_name, vm_id)
+            if await self._run(self.backend.state, domain) is DomainState.running:
+                # A crash came after the start and before the status: it is made.
+                await self._run(self._set_status, vm_id, VMStatus.running, None, "boot")
+                return
             try:
+                # Never started, so nothing of the owner's is in it: whatever an interrupted
+                # create left (a half-written disk or seed) is rebuilt from scratch.
+                await self._run(shutil.rmtree, self.instance_dir(domain), True)
                 notice = await self._run(self._claim_ssh_port, vm_id)
                 spec = await self._run(self._prepare_disks, vm_id)
                 await self._run(self.backend.define, spec)
@@ -939,30 +958,110 @@ class VMService:
                 assert vm.domain_name is not None
                 return vm.domain_name
 
-        def finish() -> None:
-            with self.db.session() as session:
-                vm = session.get(VM, vm_id)
-                assert vm is not None
-                vm.status = VMStatus.destroyed
-                vm.destroyed_at = utcnow()
-                vm.status_message = None
-                record_event(
-                    session,
-                    EventType.vm,
-                    Severity.info,
-                    f"VM {vm.name} destroyed by {identity.name}",
-                    user_name=vm.owner.name,
-                    vm_id=vm.id,
-                    action="destroy",
-                    actor=identity.name,
-                )
-
         async with self._lock(vm_id):
             domain = await self._run(mark)
             await self._run(self._destroy_domain, domain)
             await self._run(shutil.rmtree, self.instance_dir(domain), True)
-            await self._run(finish)
+            await self._run(self._mark_destroyed, vm_id, identity.name, None)
         self._locks.pop(vm_id, None)
+
+    def _mark_destroyed(self, vm_id: int, actor: str, note: str | None) -> None:
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            assert vm is not None
+            vm.status = VMStatus.destroyed
+            vm.destroyed_at = utcnow()
+            vm.status_message = None
+            record_event(
+                session,
+                EventType.vm,
+                Severity.info,
+                note or f"VM {vm.name} destroyed by {actor}",
+                user_name=vm.owner.name,
+                vm_id=vm.id,
+                action="destroy",
+                actor=actor,
+            )
+
+    async def _resume_destroy(self, vm_id: int, how: str) -> None:
+        """Finish a destroy that a crash (or a lost connection) interrupted."""
+        async with self._lock(vm_id):
+            if await self._run(self._status, vm_id) is not VMStatus.destroying:
+                return  # finished meanwhile
+            domain = await self._run(lambda: self._domain_name(vm_id))
+            await self._run(self._destroy_domain, domain)
+            await self._run(shutil.rmtree, self.instance_dir(domain), True)
+            await self._run(
+                self._mark_destroyed, vm_id, "system", f"destroy of VM {domain} finished ({how})"
+            )
+        self._locks.pop(vm_id, None)
+
+    def _domain_name(self, vm_id: int) -> str:
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            assert vm is not None and vm.domain_name is not None
+            return vm.domain_name
+
+    async def remove_orphans(self) -> list[str]:
+        """Destroy and undefine domains that carry our prefix (and are Twarga's by their
+        metadata or name) but have no live VM row, and remove instance folders no live VM
+        owns: what a crash between libvirt and the database leaves. Each is an event."""
+        prefix = self.config.domain_prefix
+        states = await self._run(self.backend.states, prefix)
+
+        def live_domains() -> set[str]:
+            with self.db.session() as session:
+                return set(
+                    session.scalars(
+                        select(VM.domain_name).where(
+                            VM.status != VMStatus.destroyed, VM.domain_name.is_not(None)
+                        )
+                    )
+                )
+
+        live = await self._run(live_domains)
+        removed = []
+        for name in sorted(set(states) - live):
+            if not await self._run(self._is_ours, name):
+                continue
+            await self._run(self._destroy_domain, name)
+            await self._run(shutil.rmtree, self.instance_dir(name), True)
+            await self._run(
+                self._record_orphan, name, f"orphan domain {name} (no VM in the database) removed"
+            )
+            removed.append(name)
+        instances = self.config.instances_dir
+        folders = await self._run(lambda: sorted(instances.iterdir()) if instances.is_dir() else [])
+        for folder in folders:
+            if folder.name.startswith(prefix) and folder.name not in live | set(removed):
+                await self._run(shutil.rmtree, folder, True)
+                await self._run(
+                    self._record_orphan, folder.name,
+                    f"orphan instance folder {folder.name} (no VM in the database) removed",
+                )  # fmt: skip
+                removed.append(folder.name)
+        return removed
+
+    def _is_ours(self, domain: str) -> bool:
+        """A domain Twarga made: our name shape (``<prefix><id>-<name>``) or our metadata."""
+        pattern = re.escape(self.config.domain_prefix) + r"[0-9]+-[a-z][a-z0-9-]{0,62}"
+        if re.fullmatch(pattern, domain):
+            return True
+        read_xml = getattr(self.backend, "domain_xml", None)
+        if read_xml is None:
+            return False
+        try:
+            return bool(read_twarga_metadata(read_xml(domain)))
+        except (TwargaError, ValueError):
+            return False
+
+    def _record_orphan(self, name: str, text: str) -> None:
+        log.warning("%s", text)
+        with self.db.session() as session:
+            record_event(
+                session, EventType.system, Severity.warning, text,
+                action="orphan_removed", domain=name,
+            )  # fmt: skip
 
     def _destroy_domain(self, domain: str) -> None:
         with contextlib.suppress(NotFound):
@@ -975,6 +1074,8 @@ class VMService:
         """Make the database agree with libvirt; returns how many VMs changed."""
         states = await self._run(self.backend.states, self.config.domain_prefix)
 
+        to_destroy: list[int] = []
+
         def work() -> tuple[int, list[int]]:
             changed = 0
             to_provision = []
@@ -984,12 +1085,18 @@ class VMService:
                     if vm.status is VMStatus.pending:
                         to_provision.append(vm.id)  # interrupted while being created
                         continue
+                    if vm.status is VMStatus.destroying:
+                        to_destroy.append(vm.id)  # interrupted while being destroyed
+                        continue
                     state = states.get(vm.domain_name or "", DomainState.missing)
                     if self._apply_state(session, vm, state, f"found at {reason}"):
                         changed += 1
             return changed, to_provision
 
         changed, to_provision = await self._run(work)
+        for vm_id in to_destroy:
+            await self._resume_destroy(vm_id, f"found destroying at {reason}")
+            changed += 1
         for vm_id in to_provision:
             self._spawn(self._provision(vm_id), f"provision VM {vm_id}")
         return changed

@@ -12,6 +12,7 @@ Every VM's disk is a qcow2 overlay on its image's base, sized to what the user a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from twarga_lab.errors import BackendError, InvalidRequest, NotFound
 
+log = logging.getLogger(__name__)
 IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}(/[a-z0-9][a-z0-9._-]{0,62})?$")
 TINY_IMAGE = "twarga/tiny"
 METADATA_FILE = "image.json"
@@ -124,12 +126,70 @@ def secure_instance_dir(folder: Path, owner: FileOwner | None) -> None:
             os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
 
 
+def file_inside(folder: Path, name: object) -> Path | None:
+    """``folder / name`` if ``name`` is a relative path that stays inside ``folder`` (no
+    ``..``, not absolute, no link leading out), else None."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return None
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        return None
+    path = folder / relative
+    try:
+        if not path.resolve().is_relative_to(folder.resolve()):
+            return None
+    except (OSError, RuntimeError):
+        return None
+    return path
+
+
+def backing_chain_inside(disk: Path, folder: Path) -> bool:
+    """Whether every file of ``disk``'s backing chain is inside ``folder`` (a qcow2 can
+    name any host file as its backing file, which QEMU would then open and read)."""
+    try:
+        chain = json.loads(qemu_img("info", "--output=json", "--backing-chain", "-U", str(disk)))
+    except (BackendError, ValueError):
+        return False  # unreadable, or its backing file is missing
+    if isinstance(chain, dict):
+        chain = [chain]
+    root = folder.resolve()
+    for layer in chain:
+        for key in ("filename", "full-backing-filename", "backing-filename"):
+            name = layer.get(key)
+            if not name:
+                continue
+            if ":" in name:
+                return False  # json:{...}, nbd://, http:// ...: not a file of this folder
+            path = Path(name)
+            if not path.is_absolute():
+                path = Path(layer.get("filename", str(disk))).parent / path
+            if not path.resolve().is_relative_to(root):
+                return False
+    return True
+
+
 def create_overlay(base: Path, dest: Path, size_gb: int) -> None:
-    """A qcow2 overlay ``dest`` backed by ``base`` with a virtual size of ``size_gb``."""
+    """A qcow2 overlay ``dest`` backed by ``base`` with a virtual size of ``size_gb``.
+
+    Written under a temporary name and renamed: a crash never leaves a half-made ``dest``
+    that a later start would take for a whole one."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    qemu_img(
-        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(dest), f"{size_gb}G"
-    )
+    partial = partial_path(dest)
+    partial.unlink(missing_ok=True)
+    try:
+        qemu_img(
+            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(partial),
+            f"{size_gb}G",
+        )  # fmt: skip
+        partial.chmod(0o600)
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def partial_path(dest: Path) -> Path:
+    """Where ``dest`` is written before it is renamed into place (``.NAME.tmp``)."""
+    return dest.with_name(f".{dest.name}.tmp")
 
 
 def virtual_size_bytes(path: Path) -> int:
@@ -163,12 +223,13 @@ def build_seed_iso(
         tool = shutil.which("genisoimage") or shutil.which("mkisofs")
         if tool is None:
             raise BackendError("genisoimage is missing: install Debian's genisoimage")
+        partial = partial_path(dest)
         subprocess.run(
             [
                 tool,
                 "-quiet",
                 "-output",
-                str(dest),
+                str(partial),
                 "-volid",
                 "cidata",
                 "-joliet",
@@ -180,6 +241,8 @@ def build_seed_iso(
             capture_output=True,
             timeout=60,
         )
+        partial.chmod(0o600)
+        os.replace(partial, dest)  # a crash leaves at most a .tmp file, never a partial seed
     return dest
 
 
@@ -188,6 +251,8 @@ class ImageStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # (path, mtime, size) -> whether its qcow2 backing chain stays in its folder.
+        self._chain_checked: dict[tuple[str, int, int], bool] = {}
 
     def _dir(self, name: str) -> Path:
         if not IMAGE_NAME_RE.fullmatch(name):
@@ -226,18 +291,28 @@ class ImageStore:
         except (OSError, ValueError):
             return None
         folder = meta.parent
-
-        def path(key: str) -> Path | None:
-            return folder / data[key] if data.get(key) else None
-
+        # Every file an image names lives in its folder: image.json must not point QEMU (which
+        # libvirt chowns files for) at /etc/shadow or at another user's disk.
+        files_of: dict[str, Path | None] = {}
+        for key in ("base_disk", "kernel", "initrd"):
+            if key != "base_disk" and not data.get(key):
+                files_of[key] = None
+                continue
+            inside = file_inside(folder, data.get(key))
+            if inside is None:
+                log.warning("image %s: %s %r is not a file in %s", meta, key, data.get(key), folder)
+                return None
+            files_of[key] = inside
+        base_disk = files_of["base_disk"]
+        assert base_disk is not None
         image = Image(
             name=data["name"],
             kind=data["kind"],
             os_type=data.get("os_type", "linux"),
             description=data.get("description", ""),
-            base_disk=folder / data["base_disk"],
-            kernel=path("kernel"),
-            initrd=path("initrd"),
+            base_disk=base_disk,
+            kernel=files_of["kernel"],
+            initrd=files_of["initrd"],
             kernel_version=data.get("kernel_version"),
             cloud_init=bool(data.get("cloud_init", False)),
             min_disk_gb=int(data.get("min_disk_gb", 1)),
@@ -245,7 +320,17 @@ class ImageStore:
         files = [image.base_disk, image.kernel, image.initrd]
         if not all(f.is_file() for f in files if f is not None):
             return None
+        if not self._chain_inside(image.base_disk, folder):
+            log.warning("image %s: %s has a backing file outside %s", meta, base_disk, folder)
+            return None
         return image
+
+    def _chain_inside(self, disk: Path, folder: Path) -> bool:
+        stat = disk.stat()
+        key = (str(disk), stat.st_mtime_ns, stat.st_size)
+        if key not in self._chain_checked:
+            self._chain_checked[key] = backing_chain_inside(disk, folder)
+        return self._chain_checked[key]
 
     def _write_metadata(self, folder: Path, image: Image) -> None:
         data = asdict(image)
@@ -291,6 +376,12 @@ class ImageStore:
         if not source.is_file():
             raise NotFound(f"no such file: {source}", "no_file")
         info = json.loads(qemu_img("info", "--output=json", str(source)))
+        if info.get("backing-filename"):
+            raise InvalidRequest(
+                f"{source} has a backing file ({info['backing-filename']}); flatten it with "
+                "`qemu-img convert -O qcow2` first",
+                "bad_image_backing",
+            )
         if info.get("format") != "qcow2":
             raise InvalidRequest(
                 f"{source} is {info.get('format')}, not qcow2; convert it with "
