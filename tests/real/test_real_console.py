@@ -1,12 +1,14 @@
-"""A terminado websocket on a real guest's serial console."""
+"""A terminado websocket on a real guest's serial console (a libvirt console stream)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 
+import psutil
 import pytest
 from sqlalchemy import select
 from tornado.httpclient import HTTPClientError
@@ -73,24 +75,94 @@ def console_url(vm):
     return ("twarga", "api", "vms", str(vm["id"]), "console")
 
 
+def console_actions(twarga, vm) -> list[str]:
+    with twarga.services.db.session() as session:
+        return list(
+            session.scalars(
+                select(Event.details["action"].as_string())
+                .where(Event.vm_id == vm["id"])
+                .order_by(Event.id)
+            ).all()
+        )
+
+
+def closed_for(reason: str, twarga, vm):
+    """A probe: is there a console_close event with ``reason``?"""
+
+    async def probe() -> bool:
+        with twarga.services.db.session() as session:
+            reasons = session.scalars(
+                select(Event.details["reason"].as_string()).where(
+                    Event.vm_id == vm["id"], Event.details["action"].as_string() == "console_close"
+                )
+            ).all()
+        return reason in reasons
+
+    return probe
+
+
+def virsh_children() -> list[str]:
+    """``virsh`` processes this test's server started (the console must run none)."""
+    me = psutil.Process(os.getpid())
+    return [p.cmdline()[0] for p in me.children(recursive=True) if p.name() == "virsh"]
+
+
 async def test_echo_round_trip_and_events(jp_ws_fetch, booted_vm, twarga):
     ws = await jp_ws_fetch(*console_url(booted_vm), headers=auth("alice-token"))
-    # Type only once virsh is attached: keys sent earlier never reach the guest.
-    await read_until(ws, "Escape character")
+    assert json.loads(await ws.read_message()) == ["setup", {}]
+    # The banner says the console is attached: keys typed from now on reach the guest.
+    seen = await read_until(ws, "Escape character")
     ws.write_message(json.dumps(["set_size", 24, 80]))
     ws.write_message(json.dumps(["stdin", "\r"]))
     ws.write_message(json.dumps(["stdin", "echo $((6*7))\r"]))
-    await read_until(ws, r"(^|\n)42\r?\n")
-    ws.close()
+    seen += await read_until(ws, r"(^|\n)42\r?\n")
+    # The screen is the guest's: no line from a client program such as virsh's polkit
+    # warning ("Authorization not available. Check if polkit service is running").
+    assert "polkit" not in seen
+    assert "Authorization not available" not in seen
+    assert virsh_children() == []
+    # ^] leaves the session, as the banner says.
+    ws.write_message(json.dumps(["stdin", "\x1d"]))
+    assert ["disconnect", 1] in await closed(ws, timeout=10)
+    await wait_for(closed_for("left with the escape character", twarga, booted_vm), timeout=5)
 
     async def both_events():
-        with twarga.services.db.session() as session:
-            actions = session.scalars(
-                select(Event.details["action"].as_string()).where(Event.vm_id == booted_vm["id"])
-            ).all()
+        actions = console_actions(twarga, booted_vm)
         return "console_open" in actions and "console_close" in actions
 
     await wait_for(both_events, timeout=5)
+
+
+async def test_refused_sockets_leave_the_open_session_alone(
+    jp_ws_fetch, jp_fetch, booted_vm, twarga
+):
+    """A cross-origin websocket or a plain GET on a console someone uses is refused before
+    anything happens: the session keeps working and no second "console opened" event."""
+    ws = await jp_ws_fetch(*console_url(booted_vm), headers=auth("alice-token"))
+    await read_until(ws, "Escape character")
+
+    async def opened():
+        return "console_open" in console_actions(twarga, booted_vm)
+
+    await wait_for(opened, timeout=5)
+
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+    ):
+        with pytest.raises(HTTPClientError) as foreign:
+            await jp_ws_fetch(*console_url(booted_vm), headers={**auth("alice-token"), **headers})
+        assert foreign.value.code == 403
+        assert json.loads(foreign.value.response.body)["message"]
+    plain = await jp_fetch(*console_url(booted_vm), headers=auth("alice-token"), raise_error=False)
+    assert plain.code == 400
+    assert "websocket" in json.loads(plain.body)["message"]
+
+    ws.write_message(json.dumps(["stdin", "echo still-$((40+2))\r"]))
+    await read_until(ws, r"(^|\n)still-42\r?\n")
+    assert console_actions(twarga, booted_vm).count("console_open") == 1
+    assert "console_close" not in console_actions(twarga, booted_vm)
+    ws.close()
 
 
 async def test_others_are_refused_before_the_socket_opens(jp_ws_fetch, booted_vm):
@@ -110,22 +182,26 @@ async def test_others_are_refused_before_the_socket_opens(jp_ws_fetch, booted_vm
     assert in_url.value.code == 400
 
 
-async def test_new_session_takes_over_and_idle_sessions_close(jp_ws_fetch, booted_vm):
+async def test_new_session_takes_over_and_idle_sessions_close(jp_ws_fetch, booted_vm, twarga):
     first = await jp_ws_fetch(*console_url(booted_vm), headers=auth("alice-token"))
     await read_until(first, "Escape character")
     second = await jp_ws_fetch(*console_url(booted_vm), headers=auth("admin-token"))
     assert ["disconnect", 1] in await closed(first, timeout=10)
     await read_until(second, "Escape character")
+
+    await wait_for(closed_for("taken over by a new session", twarga, booted_vm), timeout=5)
     second.write_message(json.dumps(["stdin", "echo still-here\r"]))
     await read_until(second, r"(^|\n)still-here\r?\n")
     # No input for console_idle_timeout (6 s): the server closes the session.
     started = time.monotonic()
     assert ["disconnect", 1] in await closed(second, timeout=20)
     assert time.monotonic() - started >= 5
+    await wait_for(closed_for("idle", twarga, booted_vm), timeout=5)
 
 
-async def test_stopping_the_vm_closes_the_session(jp_ws_fetch, api, booted_vm):
+async def test_stopping_the_vm_closes_the_session(jp_ws_fetch, api, booted_vm, twarga):
     ws = await jp_ws_fetch(*console_url(booted_vm), headers=auth("alice-token"))
     await read_until(ws, "Escape character")
     await api("POST", f"vms/{booted_vm['id']}/action", body={"action": "force-stop"})
     assert ["disconnect", 1] in await closed(ws, timeout=15)
+    await wait_for(closed_for("the VM stopped", twarga, booted_vm), timeout=5)

@@ -1,13 +1,16 @@
-"""VM consoles: who may open one, what runs it, and the events it leaves.
+"""VM consoles: who may open one, how it is attached, and the events it leaves.
 
-The terminal itself is a pty running ``virsh console --force <domain>`` (terminado, in
-``handlers.console``): it reaches only that VM's serial console, never a host shell, and
-``--force`` makes a new session take over from an old one.
+A console is the VM's serial console over a libvirt stream (``virDomain.openConsole``
+with ``VIR_DOMAIN_CONSOLE_FORCE``, see ``virt.console_stream``): it reaches only that
+VM's serial line, never a host shell, runs no ``virsh`` subprocess, and a new session
+takes over from an old one. The websocket side lives in ``handlers.console``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twarga_lab.db import Database
 from twarga_lab.errors import Conflict
@@ -18,13 +21,12 @@ from twarga_lab.services.vms import VMService
 
 @dataclass(frozen=True)
 class ConsoleTarget:
-    """A console a user may open: the VM and the command that attaches to it."""
+    """A console a user may open: the VM and its libvirt domain."""
 
     vm_id: int
     vm_name: str
     owner: str
     domain: str
-    argv: tuple[str, ...]
 
     @property
     def session_name(self) -> str:
@@ -45,8 +47,23 @@ class ConsoleService:
         vm = await self.vms.get(identity, vm_id)
         if vm["status"] != "running":
             raise Conflict(f"VM {vm['name']} is {vm['status']}: start it first", "vm_not_running")
-        argv = ("virsh", "-c", self.libvirt_uri, "console", "--force", vm["domain"])
-        return ConsoleTarget(vm_id, vm["name"], vm["owner"], vm["domain"], argv)
+        return ConsoleTarget(vm_id, vm["name"], vm["owner"], vm["domain"])
+
+    def attach(
+        self,
+        target: ConsoleTarget,
+        on_output: Callable[[bytes], None],
+        on_closed: Callable[[str], None],
+    ) -> Any:
+        """Attach to the VM's serial console, taking it over (blocks: call from a thread).
+
+        Returns a stream with ``write(bytes)`` and ``close()``; ``on_output`` and
+        ``on_closed(reason)`` are called from the hypervisor's event thread.
+        """
+        open_console = getattr(self.vms.backend, "open_console", None)
+        if open_console is None:
+            raise Conflict("this hypervisor offers no consoles", "no_console")
+        return open_console(target.domain, on_output, on_closed)
 
     def record(
         self, identity: Identity, target: ConsoleTarget, action: str, **details: object

@@ -386,6 +386,16 @@ class LibvirtBackend(HypervisorBackend):
         with self._calling("read the XML of", name):
             return dom.XMLDesc()
 
+    def open_console(self, name: str, on_output: Any, on_closed: Any) -> Any:
+        """Attach to a domain's serial console over a libvirt stream, taking it over from
+        any other session (``virt.console_stream.ConsoleStream``; callbacks run in
+        libvirt's event thread)."""
+        from twarga_lab.virt.console_stream import ConsoleStream
+
+        dom = self._lookup(name)
+        with self._calling("open the console of", name):
+            return ConsoleStream.open(self.conn, dom, on_output, on_closed)
+
     def call(self, fn: Callable[[libvirt.virConnect], T], action: str) -> T:
         """Run ``fn(conn)`` with error translation (for callers needing raw access)."""
         with self._calling(action):
