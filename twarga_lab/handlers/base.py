@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from jupyter_server.base.handlers import APIHandler
@@ -53,7 +54,26 @@ def check_body(
     return body
 
 
-class TwargaAPIHandler(ExtensionHandlerMixin, APIHandler):
+# Query parameters whose values never reach a log line.
+_SECRET_PARAMS = re.compile(r"(?i)([?&](?:token|_xsrf|access_token)=)[^&#]*")
+
+
+def scrub_uri(uri: str) -> str:
+    """``uri`` with the values of token-like query parameters replaced by ``[secret]``."""
+    return _SECRET_PARAMS.sub(r"\1[secret]", uri)
+
+
+class ScrubbedLogMixin:
+    """Tornado writes ``request.uri`` into the warning of every HTTP error: a token a
+    script put in the URL would land in the Hub's log. Log the scrubbed URI instead."""
+
+    request: Any
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {scrub_uri(self.request.uri)} ({self.request.remote_ip})"
+
+
+class TwargaAPIHandler(ScrubbedLogMixin, ExtensionHandlerMixin, APIHandler):
     """Thin handlers: authenticate, parse, call one service method, write JSON."""
 
     auth_resource = "twarga"

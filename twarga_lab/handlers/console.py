@@ -30,6 +30,7 @@ from jupyter_server.utils import ensure_async
 from tornado import web, websocket
 
 from twarga_lab.errors import TwargaError
+from twarga_lab.handlers.base import ScrubbedLogMixin
 from twarga_lab.services import Identity
 from twarga_lab.services.consoles import ConsoleTarget
 
@@ -200,7 +201,7 @@ class _Gone(Exception):
     """The socket closed before its console was attached."""
 
 
-class VMConsoleSocket(WebSocketMixin, JupyterHandler, websocket.WebSocketHandler):
+class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocket.WebSocketHandler):
     """A terminado-protocol socket bound to one VM's console."""
 
     auth_resource = "twarga"

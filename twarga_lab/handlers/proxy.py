@@ -14,6 +14,9 @@ from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.utils import url_path_join
 from tornado import httpclient, web, websocket
 
+from twarga_lab.handlers.base import ScrubbedLogMixin
+from twarga_lab.handlers.console import websocket_refusal
+
 # Headers worth passing back to the browser.
 PASSED_HEADERS = ("Content-Type", "Location", "Retry-After")
 
@@ -24,9 +27,33 @@ class ProxyTarget:
 
     service_url: str
     token: str
+    owner: str = ""
 
 
-class TwargaProxyHandler(APIHandler):
+def acting_user(user: Any) -> str | None:
+    """The Hub user a request comes from; None for services and unknown identities."""
+    hub_user = getattr(user, "hub_user", None)
+    if not isinstance(hub_user, dict):
+        return None
+    if hub_user.get("kind", "user") != "user" or not hub_user.get("name"):
+        return None
+    return str(hub_user["name"])
+
+
+def check_owner(handler: JupyterHandler, target: ProxyTarget) -> None:
+    """401 without a user, 403 unless the request is the server owner's own."""
+    if not handler.current_user:
+        raise web.HTTPError(401, "authentication required")
+    name = acting_user(handler.current_user)
+    if not target.owner or name != target.owner:
+        raise web.HTTPError(
+            403,
+            "this server forwards Twarga requests of its owner only; "
+            "use your own server or the twarga service",
+        )
+
+
+class TwargaProxyHandler(ScrubbedLogMixin, APIHandler):
     """Forwards one API request to the twarga service as the server's owner."""
 
     @property
@@ -84,7 +111,9 @@ class TwargaProxyHandler(APIHandler):
         await self._forward(path)
 
 
-class TwargaConsoleProxy(WebSocketMixin, JupyterHandler, websocket.WebSocketHandler):
+class TwargaConsoleProxy(
+    ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocket.WebSocketHandler
+):
     """Forwards a VM console websocket to the service, frame by frame.
 
     The service's answer (404 for someone else's VM, 409 for a stopped one) is known
