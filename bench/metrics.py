@@ -45,9 +45,9 @@ sys.path.insert(0, str(REPO))
 from twarga_lab.db import Database  # noqa: E402
 from twarga_lab.db.models import VM, User, VMStatus  # noqa: E402
 from twarga_lab.services import metric_store  # noqa: E402
-from twarga_lab.services.metrics import catalogue as metrics_catalogue  # noqa: E402
 from twarga_lab.services.metric_store import RAW, MetricStore  # noqa: E402
 from twarga_lab.services.metrics import LoopLagProbe, MetricsConfig, MetricsService  # noqa: E402
+from twarga_lab.services.metrics import catalogue as metrics_catalogue  # noqa: E402
 from twarga_lab.virt.domain import DiskSpec, DomainSpec, build_domain_xml  # noqa: E402
 from twarga_lab.virt.images import ImageStore, create_overlay  # noqa: E402
 from twarga_lab.virt.libvirt_backend import LibvirtBackend  # noqa: E402
