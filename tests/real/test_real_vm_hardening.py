@@ -147,10 +147,33 @@ async def test_a_squatted_ssh_port_moves_at_start_and_the_owner_is_told(
         creds = (await api("GET", f"vms/{vm['id']}/credentials")).json
         assert creds["ssh_port"] == new
         assert (creds["ssh_port_moved"]["from"], creds["ssh_port_moved"]["to"]) == (old, new)
+        # The owner can tell the guest from an impostor: the published host key is the one
+        # the guest's SSH server presents (read by OpenSSH's ssh-keyscan).
+        assert creds["ssh_host_key"].startswith("ssh-ed25519 ")
+        assert host_key_at(new) == creds["ssh_host_key"]
+        assert creds["ssh_host_key_fingerprint"] == fingerprint_of(creds["ssh_host_key"])
     finally:
         squatter.kill()
         squatter.wait(timeout=10)
     assert (await api("DELETE", f"vms/{vm['id']}")).status == 204
+
+
+def host_key_at(port: int) -> str:
+    scan = subprocess.run(
+        ["ssh-keyscan", "-T", "10", "-t", "ed25519", "-p", str(port), "127.0.0.1"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    lines = [line.split(None, 1)[1] for line in scan.stdout.splitlines() if " ssh-ed25519 " in line]
+    assert lines, scan
+    return lines[0].strip()
+
+
+def fingerprint_of(public_key: str) -> str:
+    shown = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", "-"],
+        input=public_key + "\n", capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return shown.stdout.split()[1]
 
 
 def _listening(port: int) -> bool:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,7 +60,13 @@ from twarga_lab.virt.images import (
     qemu_account,
     secure_instance_dir,
 )
-from twarga_lab.virt.seed import build_tiny_seed, generate_password, sha512_crypt
+from twarga_lab.virt.seed import (
+    build_tiny_seed,
+    generate_host_key,
+    generate_password,
+    key_fingerprint,
+    sha512_crypt,
+)
 
 if TYPE_CHECKING:
     from twarga_lab.services.credits import CreditService
@@ -70,6 +78,7 @@ VM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 ACTIONS = ("start", "stop", "restart", "destroy", "force-stop")
 GUEST_IP = "10.0.2.15"  # QEMU user networking always leases this address to the guest
 TINY_SEED = "twarga-seed.iso"  # kernel images' seed: root's keys and password hash
+HOST_KEY_PUB = "ssh_host_ed25519_key.pub"  # the public half of the host key on the seed
 
 # Statuses Twarga sets itself around its own calls: a libvirt event seen in one of them
 # is the expected outcome; seen in any other status, something acted behind our back.
@@ -329,6 +338,10 @@ class VMService:
                 "ssh_port": vm.ssh_port,
                 "ssh_port_moved": None,
             }
+            # What the guest's SSH server must present (compare before typing a password).
+            host_key = self.host_key(vm.domain_name) if vm.domain_name else None
+            result["ssh_host_key"] = host_key
+            result["ssh_host_key_fingerprint"] = key_fingerprint(host_key) if host_key else None
             moved = session.scalar(
                 select(Event)
                 .where(
@@ -569,18 +582,35 @@ class VMService:
         secure_instance_dir(folder, self.file_owner)
 
     def _ensure_tiny_seed(self, vm: VM, image: Image) -> None:
-        """A kernel image's seed disk: the owner's key and root's password hash (never the
-        kernel command line, which anyone reading the domain XML sees)."""
+        """A kernel image's seed disk: the owner's key, root's password hash (never the
+        kernel command line, which anyone reading the domain XML sees) and the guest's SSH
+        host key, whose public half is kept beside it for the owner."""
         assert vm.domain_name is not None
-        seed = self.instance_dir(vm.domain_name) / TINY_SEED
+        folder = self.instance_dir(vm.domain_name)
+        seed = folder / TINY_SEED
         if image.kind != "kernel" or seed.exists():
             return
         key = vm.owner.ssh_public_key
-        build_tiny_seed(
-            seed,
-            authorized_keys=[key] if key else [],
-            root_password_hash=sha512_crypt(vm.root_password) if vm.root_password else None,
-        )
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="twarga-hostkey-") as tmp:
+            private = Path(tmp) / "host_key"
+            public = generate_host_key(private)
+            build_tiny_seed(
+                seed,
+                authorized_keys=[key] if key else [],
+                root_password_hash=sha512_crypt(vm.root_password) if vm.root_password else None,
+                host_key=private,
+            )
+        partial = folder / f".{HOST_KEY_PUB}.tmp"
+        partial.write_text(public + "\n")
+        os.replace(partial, folder / HOST_KEY_PUB)
+
+    def host_key(self, domain_name: str) -> str | None:
+        """The public SSH host key of a kernel-image VM (None for VMs older than this)."""
+        try:
+            return (self.instance_dir(domain_name) / HOST_KEY_PUB).read_text().strip() or None
+        except OSError:
+            return None
 
     async def _provision(self, vm_id: int) -> None:
         async with self._lock(vm_id):

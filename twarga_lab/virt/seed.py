@@ -9,13 +9,17 @@ secrets never go there. Instead each VM gets a read-only ISO 9660 disk (``vdb``)
     the owner's OpenSSH public key(s), installed as ``/root/.ssh/authorized_keys``;
 ``root-password.hash``
     root's password as a SHA-512 crypt hash (``$6$salt$...``); the password itself is not
-    on the disk.
+    on the disk;
+``dropbear_ed25519_host_key``
+    the guest's SSH host key, made on the host so its public half can be published to the
+    owner (who then knows which server a port really leads to).
 
 The seed file is readable by root only; libvirt hands it to QEMU's user when the VM starts.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import secrets
@@ -28,6 +32,7 @@ from twarga_lab.errors import BackendError
 
 SEED_LABEL = "TWARGASEED"
 MARKER_FILE = "twarga-seed"
+HOST_KEY_FILE = "dropbear_ed25519_host_key"
 _CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # The byte order of SHA-512 crypt's final encoding (Drepper's specification).
 _SHA512_ORDER = (
@@ -85,8 +90,40 @@ def sha512_crypt(password: str, salt: str | None = None) -> str:
     return f"$6${s.decode()}${encoded}"
 
 
+def generate_host_key(dest: Path) -> str:
+    """A new dropbear ed25519 host key in ``dest`` (mode 0600); returns its public half as
+    an OpenSSH line (``ssh-ed25519 AAAA...``)."""
+    tool = shutil.which("dropbearkey")
+    if tool is None:
+        raise BackendError("dropbearkey is missing: install Debian's dropbear-bin")
+    dest.unlink(missing_ok=True)
+    try:
+        subprocess.run([tool, "-t", "ed25519", "-f", str(dest)], check=True, capture_output=True,
+                       timeout=60)  # fmt: skip
+        dest.chmod(0o600)
+        shown = subprocess.run([tool, "-y", "-f", str(dest)], check=True, capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+    except subprocess.CalledProcessError as e:
+        raise BackendError(f"dropbearkey failed: {e.stderr!r}") from e
+    for line in shown.stdout.splitlines():
+        if line.startswith("ssh-ed25519 "):
+            kind, blob = line.split()[:2]
+            return f"{kind} {blob}"
+    raise BackendError(f"dropbearkey printed no public key: {shown.stdout!r}")
+
+
+def key_fingerprint(public_key: str) -> str:
+    """OpenSSH's ``SHA256:...`` fingerprint of a public key line."""
+    blob = base64.b64decode(public_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
 def build_tiny_seed(
-    dest: Path, *, authorized_keys: list[str], root_password_hash: str | None
+    dest: Path,
+    *,
+    authorized_keys: list[str],
+    root_password_hash: str | None,
+    host_key: Path | None = None,
 ) -> Path:
     """Write the seed ISO for a tiny-image VM to ``dest`` (mode 0600, replaced atomically)."""
     tool = shutil.which("genisoimage") or shutil.which("mkisofs")
@@ -102,6 +139,8 @@ def build_tiny_seed(
             (staging / "authorized_keys").write_text("".join(f"{k}\n" for k in keys))
         if root_password_hash:
             (staging / "root-password.hash").write_text(root_password_hash + "\n")
+        if host_key is not None:
+            shutil.copyfile(host_key, staging / HOST_KEY_FILE)
         partial = dest.with_name(f".{dest.name}.tmp")
         try:
             subprocess.run(

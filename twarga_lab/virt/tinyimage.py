@@ -193,6 +193,12 @@ for disk in /dev/vd[b-z]; do
             sed -i "s|^root:[^:]*:|root:$hash:|" /etc/passwd
         fi
         unset hash
+        # The host key the service made (and publishes to the owner): dropbear uses it.
+        if [ -f /run/seed/dropbear_ed25519_host_key ]; then
+            mkdir -p /etc/dropbear
+            cp /run/seed/dropbear_ed25519_host_key /etc/dropbear/dropbear_ed25519_host_key
+            chmod 600 /etc/dropbear/dropbear_ed25519_host_key
+        fi
         umount /run/seed
         break
     fi
@@ -211,7 +217,11 @@ fi
 acpid -c /etc/acpi -l /dev/null
 
 if [ "$ssh" = 1 ] && [ -x /usr/sbin/dropbear ]; then
-    dropbear -R -p 22
+    if [ -f /etc/dropbear/dropbear_ed25519_host_key ]; then
+        dropbear -r /etc/dropbear/dropbear_ed25519_host_key -p 22
+    else
+        dropbear -R -p 22
+    fi
 fi
 
 # The banner starts on a line of its own even if firmware left the cursor mid-line.
