@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from jupyter_server.extension.application import ExtensionApp
 from sqlalchemy.engine import make_url
-from traitlets import Enum, Float, Int, TraitError, Unicode, default, validate
+from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, default, observe, validate
 
 from twarga_lab.db import Database
 from twarga_lab.errors import ValidationFailed
@@ -29,7 +29,13 @@ from twarga_lab.services.hubusers import HubUserDirectory
 from twarga_lab.services.metric_store import Retention
 from twarga_lab.services.metrics import MetricsConfig, MetricsService, Thresholds
 from twarga_lab.services.soc import SocService
-from twarga_lab.services.syslog import SyslogService, parse_address
+from twarga_lab.services.syslog import (
+    SyslogCollector,
+    SyslogConfig,
+    SyslogService,
+    TrustedSources,
+    parse_address,
+)
 from twarga_lab.services.users import QuotaDefaults, UserService
 from twarga_lab.services.vms import VMBounds, VMService, VMServiceConfig
 from twarga_lab.virt.backend import HypervisorBackend
@@ -305,6 +311,58 @@ class TwargaLabApp(ExtensionApp):
             raise TraitError(str(e)) from None
         return str(proposal["value"]).strip()
 
+    syslog_trusted_sources = Dict(
+        {},
+        help="""Network syslog senders allowed to speak for a VM, as ``{domain: [entry, ...]}``
+        with the VM's libvirt domain name (the API's ``domain``) as key. An entry is an address
+        or network (``"192.0.2.10"``, ``"10.1.0.0/24"``) or ``"secret:<16+ characters>"``,
+        which a message carries as RFC 5424 structured data ``[twarga@32473
+        secret="..."]``. Off (empty) by default: every account on the host can reach the
+        receiver and write any hostname, so network messages are then never a VM's events,
+        failure counts or bans (at most an unattributed system event for admins); a VM's
+        own virtio channel needs no entry. Trust 127.0.0.1 only where no other account can
+        run code on the host. Changes apply at once.""",
+    ).tag(config=True)
+
+    @validate("syslog_trusted_sources")
+    def _validate_syslog_trusted_sources(self, proposal: Any) -> dict[str, Any]:
+        try:
+            TrustedSources(proposal["value"])
+        except (ValueError, TypeError) as e:
+            raise TraitError(str(e)) from None
+        return dict(proposal["value"])
+
+    @observe("syslog_trusted_sources")
+    def _syslog_trusted_sources_changed(self, change: Any) -> None:
+        if self.services is not None and self.services.syslog is not None:
+            self.services.syslog.set_trusted_sources(change["new"])
+
+    syslog_source_queue_size = Int(
+        2000,
+        help="""Syslog lines one source (a VM's channel, or one sender address on the network)
+        may have waiting; beyond it, and beyond its rate, its lines are dropped and counted
+        (``twarga_syslog_dropped_lines_total``) with one warning event per flood burst, so a
+        flooding source cannot delay the others.""",
+    ).tag(config=True)
+    syslog_source_rate = Float(
+        200.0,
+        help="""Lines a second one network sender may send (bursts of ten times as many);
+        a VM's channel may send 1000 a second (bursts of 5000).""",
+    ).tag(config=True)
+    syslog_tcp_timeout = Float(
+        60.0,
+        help="""Seconds a TCP syslog connection may stay silent, or hold an unfinished
+        message, before it is closed.""",
+    ).tag(config=True)
+    soc_event_retention_days = Float(
+        90.0, help="Days SOC events are kept; older ones are deleted (in batches)."
+    ).tag(config=True)
+    soc_prune_interval = Float(
+        3600.0,
+        help="""Seconds between two prunings of old SOC events and of SSH failure counts
+        older than ``bruteforce_findtime`` (which can no longer add up to a ban); 0: never.""",
+    ).tag(config=True)
+
     bruteforce_maxretry = Int(
         5, help="SSH brute force on a VM: failures from one source that raise the alarm."
     ).tag(config=True)
@@ -454,7 +512,16 @@ class TwargaLabApp(ExtensionApp):
             backend,
             address=self.syslog_address,
             domain_prefix=self.domain_prefix,
+            config=SyslogConfig(
+                trusted_sources=self.syslog_trusted_sources,
+                source_queue_size=self.syslog_source_queue_size,
+                source_rate=self.syslog_source_rate,
+                tcp_timeout=self.syslog_tcp_timeout,
+                event_retention_days=self.soc_event_retention_days,
+                prune_interval=self.soc_prune_interval,
+            ),
         )
+        services.metrics.registry.register(SyslogCollector(services.syslog))
         services.consoles = ConsoleService(db, vms, self.libvirt_uri)
         return services
 

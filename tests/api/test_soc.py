@@ -1,6 +1,7 @@
 """The SOC API: who sees which events, filters and paging, statistics that match the rows,
-exports that round-trip, and SSH syslog over the network receiver (UDP and TCP) with
-brute-force detection, on libvirt's test driver."""
+exports that round-trip, and SSH syslog over the network receiver (UDP and TCP) from
+senders trusted for a VM (``syslog_trusted_sources``) with brute-force detection, on
+libvirt's test driver. Attacks on the receiver are in ``test_syslog_attacks.py``."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from sqlalchemy import func, select
 from tests.helpers import wait_for, wait_status
 from tests.identity import auth
 from twarga_lab.db import Database, Event
-from twarga_lab.db.models import utcnow
+from twarga_lab.db.models import VM, User, utcnow
 from twarga_lab.event_schemas import EVENT_TYPES, load_schema
 from twarga_lab.services.bans import BanPolicy, active_ban
 from twarga_lab.services.soc import SocService, SshObservation
@@ -58,6 +59,11 @@ async def fetch_text(jp_fetch: Any, user: str, name: str, **params: str) -> tupl
     return response.body.decode(), response.headers
 
 
+def trust_loopback(twarga: Any, *vms: dict[str, Any]) -> None:
+    """Let 127.0.0.1 speak for ``vms`` (this test's senders are the only local accounts)."""
+    twarga.syslog_trusted_sources = {vm["domain"]: ["127.0.0.1"] for vm in vms}
+
+
 def receiver_port(twarga: Any, kind: str = "udp") -> int:
     receiver = twarga.services.syslog.receiver
     assert receiver is not None
@@ -67,7 +73,8 @@ def receiver_port(twarga: Any, kind: str = "udp") -> int:
 async def test_users_see_their_own_events_and_admins_everything(api, twarga):
     alice_vm = await create_vm(api, "alice", "web")
     bob_vm = await create_vm(api, "bob", "db")
-    # SSH lines over UDP name the VM by its domain (unique), so they are tied to it.
+    # Both VMs trust 127.0.0.1: among them, the line's hostname (the domain) picks one.
+    trust_loopback(twarga, alice_vm, bob_vm)
     send_udp(
         receiver_port(twarga),
         FAILED.format(n=1, host=alice_vm["domain"], pid=7, ip="10.0.2.2"),
@@ -99,6 +106,7 @@ async def test_users_see_their_own_events_and_admins_everything(api, twarga):
 
 async def test_brute_force_over_udp_raises_one_critical_event_and_a_ban(api, twarga):
     vm = await create_vm(api, "alice", "target")
+    trust_loopback(twarga, vm)
     port = receiver_port(twarga)
     started = 0.0
     for n in range(1, 7):
@@ -136,6 +144,7 @@ async def _failures(api: Any, vm_id: int, count: int) -> list[dict[str, Any]] | 
 
 async def test_tcp_octet_counting_and_line_framing(api, twarga):
     vm = await create_vm(api, "alice", "framed")
+    trust_loopback(twarga, vm)
     accepted = (
         f"<86>1 2026-11-27T08:00:01Z {vm['domain']} sshd 42 - - Accepted publickey for root "
         "from 192.0.2.4 port 50000 ssh2: ED25519 SHA256:abc"
@@ -165,19 +174,31 @@ async def test_tcp_octet_counting_and_line_framing(api, twarga):
     assert by_action["ssh_failed"]["source"] == "192.0.2.5"
 
 
-async def test_a_name_shared_by_two_users_is_not_attributed(api, twarga):
-    await create_vm(api, "alice", "twin")
+async def test_a_hostname_alone_names_no_vm(api, twarga):
+    alice_vm = await create_vm(api, "alice", "twin")
     await create_vm(api, "bob", "twin")
-    send_udp(receiver_port(twarga), FAILED.format(n=1, host="twin", pid=1, ip="198.51.100.1"))
+    # Nothing trusted: neither the VM name nor the unique domain name ties a line to a VM.
+    send_udp(
+        receiver_port(twarga),
+        FAILED.format(n=1, host="twin", pid=1, ip="198.51.100.1"),
+        FAILED.format(n=2, host=alice_vm["domain"], pid=2, ip="198.51.100.1"),
+    )
 
-    async def arrived() -> list[dict[str, Any]]:
-        return await events(api, "admin", type="security")
+    async def arrived() -> list[dict[str, Any]] | None:
+        seen = await events(api, "admin", type="system")
+        seen = [e for e in seen if e["details"].get("action") == "syslog_unattributed"]
+        return seen if len(seen) == 2 else None
 
-    (event,) = await wait_for(arrived, timeout=5)
-    assert event["vm_id"] is None and event["user_name"] is None
-    assert event["details"]["ambiguous_hostname"] == 2
-    assert await events(api, "alice", type="security") == []
-    assert await events(api, "bob", type="security") == []
+    for event in await wait_for(arrived, timeout=5):
+        assert event["vm_id"] is None and event["user_name"] is None
+        assert event["severity"] == "info" and event["details"]["ssh_action"] == "ssh_failed"
+        assert event["details"]["channel"] == "udp" and event["details"]["peer"] == "127.0.0.1"
+        jsonschema.validate(event, load_schema("system"))
+    assert await events(api, "admin", type="security") == []
+    for user in ("alice", "bob"):
+        seen = await events(api, user)
+        assert [e for e in seen if e["type"] == "security" or "syslog" in str(e["details"])] == []
+    assert (await api("GET", "soc/bans", user="admin")).json == []
 
 
 async def test_filters_paging_and_tail(api, twarga):
@@ -214,6 +235,7 @@ async def test_statistics_are_for_admins_and_match_the_rows(api, twarga):
     assert reply.json["reason"] == "admin_required"
 
     vm = await create_vm(api, "alice", "counted")
+    trust_loopback(twarga, vm)
     send_udp(
         receiver_port(twarga),
         *[FAILED.format(n=n, host=vm["domain"], pid=n, ip="192.0.2.66") for n in range(1, 6)],
@@ -242,6 +264,7 @@ async def test_statistics_are_for_admins_and_match_the_rows(api, twarga):
 async def test_csv_and_jsonl_exports_round_trip(api, twarga, jp_fetch):
     vm = await create_vm(api, "alice", "export-me")
     await create_vm(api, "bob", "not-yours")
+    trust_loopback(twarga, vm)
     send_udp(
         receiver_port(twarga),
         FAILED.format(n=1, host=vm["domain"], pid=1, ip="192.0.2.1").replace("root", 'ro,"ot'),
@@ -275,7 +298,7 @@ async def test_credentials_are_for_the_owner_only(api, twarga):
     vm = await create_vm(api, "alice", "secret")
     reply = await api("GET", f"vms/{vm['id']}/credentials")
     assert reply.status == 200
-    assert reply.json == {
+    assert {k: reply.json[k] for k in ("username", "password", "ssh_host", "ssh_port")} == {
         "username": "root",
         "password": reply.json["password"],
         "ssh_host": "127.0.0.1",
@@ -298,13 +321,21 @@ def test_bans_and_counts_survive_a_restart_and_double(tmp_path):
     event = SshLogParser().parse_line(line)
     start = utcnow()
 
+    db = Database(url).open()
+    with db.session() as session:
+        owner = User(name="carol")
+        vm = VM(owner=owner, name="h", domain_name="twarga-1-h", image="twarga/tiny",
+                os_type="linux", ram_mb=512, cpu=1, disk_gb=10)  # fmt: skip
+        session.add(vm)
+        session.flush()
+        scope = f"vm:{vm.id}"
+
     def fail(soc: SocService, at_seconds: float) -> None:
         observation = SshObservation(
-            event, "udp", received_at=start + timedelta(seconds=at_seconds)
+            event, "udp", received_at=start + timedelta(seconds=at_seconds), domain="twarga-1-h"
         )
         soc.record_ssh([observation])
 
-    db = Database(url).open()
     soc = SocService(db, policy)
     for second in range(5):
         fail(soc, second)
@@ -313,14 +344,14 @@ def test_bans_and_counts_survive_a_restart_and_double(tmp_path):
     db = Database(url).open()  # a new service on the same database
     soc = SocService(db, policy)
     with db.session() as session:
-        ban = active_ban(session, "host:h", "10.0.2.2", start + timedelta(seconds=10))
+        ban = active_ban(session, scope, "10.0.2.2", start + timedelta(seconds=10))
         assert ban is not None and ban.ban_count == 1
         assert ban.banned_until == start + timedelta(seconds=4 + 600)
     # Repeat offender: five more failures after the first ban ended -> twice as long.
     for second in range(700, 705):
         fail(soc, second)
     with db.session() as session:
-        ban = active_ban(session, "host:h", "10.0.2.2", start + timedelta(seconds=710))
+        ban = active_ban(session, scope, "10.0.2.2", start + timedelta(seconds=710))
         assert ban is not None and ban.ban_count == 2
         assert ban.banned_until == start + timedelta(seconds=704 + 1200)
         alarms = session.scalars(select(Event).where(Event.severity == "critical")).all()

@@ -15,10 +15,15 @@ EXPORTS = {
 }
 
 
+EXPORT_MAX_ROWS = 10_000_000  # an export streams page by page, so it may be long
+
+
 class SocHandler(TwargaAPIHandler):
     def event_query(self, *, default_limit: int = 100, max_limit: int = 1000) -> EventQuery:
-        """The listing's filters from the query string."""
+        """The listing's filters from the query string (``limit=all``: ``max_limit``)."""
         params = {name: self.get_argument(name, None) for name in QUERY_PARAMS}
+        if params["limit"] == "all":
+            params["limit"] = str(max_limit)
         return EventQuery.from_params(params, default_limit=default_limit, max_limit=max_limit)
 
 
@@ -32,14 +37,16 @@ class EventsHandler(SocHandler):
 
 
 class EventsExportHandler(SocHandler):
-    """The same events as a download; ``limit`` defaults to 10,000 (at most 100,000)."""
+    """The same events as a download; ``limit`` defaults to 10,000 (``all``: every event,
+    up to 10 million). The body is streamed: each page of 1,000 rows is read and formatted
+    in a worker thread, written and flushed before the next is read."""
 
     fmt = "csv"
 
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        query = self.event_query(default_limit=10_000, max_limit=100_000)
+        query = self.event_query(default_limit=10_000, max_limit=EXPORT_MAX_ROWS)
         fmt = self.fmt
         self.set_header("Content-Type", EXPORTS[fmt])
         self.set_header("Content-Disposition", f'attachment; filename="twarga-events.{fmt}"')

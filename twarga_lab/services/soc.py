@@ -19,17 +19,18 @@ import io
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import Text, and_, case, cast, delete, func, select, union
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
 from twarga_lab.db import Database
-from twarga_lab.db.models import VM, Ban, Event, User, VMStatus, utcnow
+from twarga_lab.db.models import VM, AuthFailure, Ban, Event, User, VMStatus, utcnow
 from twarga_lab.errors import Forbidden, InvalidRequest, ValidationFailed
 from twarga_lab.services import Identity
 from twarga_lab.services.bans import BanPolicy, active_ban, record_failure
@@ -37,6 +38,8 @@ from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.sshlog import SshEvent, SshEventKind
 
 log = logging.getLogger(__name__)
+
+HUB_SCOPE = "hub"  # the Hub login's failures (services.accounts): pruned by the Hub's rules
 
 EXPORT_COLUMNS = (
     "id",
@@ -131,21 +134,29 @@ def event_to_json(event: Event) -> dict[str, Any]:
     }
 
 
-def events_to_csv(events: list[dict[str, Any]], *, header: bool) -> str:
-    """CSV rows of ``events`` (``details`` as a JSON object in one cell)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    if header:
-        writer.writerow(EXPORT_COLUMNS)
-    for event in events:
-        row = dict(event, details=json.dumps(event["details"], sort_keys=True, default=str))
-        writer.writerow(["" if row[c] is None else row[c] for c in EXPORT_COLUMNS])
-    return out.getvalue()
+_EVENT_COLUMNS = (
+    Event.id, Event.created_at, Event.type, Event.severity, Event.message, Event.user_name,
+    Event.vm_id, Event.source, Event.details,
+)  # fmt: skip
+# The stored JSON text of details, not a parsed dict (cast in SQL: psycopg parses JSON).
+_EXPORT_COLUMNS = (*_EVENT_COLUMNS[:-1], cast(Event.details, Text))
+MAX_PAGE = 1000  # rows of one listing, and of one export page
+_MAX_ARMS = 100  # VMs read in index order each (SQLite allows 500 arms in a union)
 
 
-def events_to_jsonl(events: list[dict[str, Any]]) -> str:
-    """One JSON object per line."""
-    return "".join(json.dumps(e, sort_keys=True, default=str) + "\n" for e in events)
+def _row_to_json(row: Any) -> dict[str, Any]:
+    """``event_to_json`` of a row of ``_EVENT_COLUMNS`` (no ORM object per row)."""
+    return {
+        "id": row.id,
+        "created_at": row.created_at.isoformat(),
+        "type": row.type,
+        "severity": row.severity,
+        "message": row.message,
+        "user_name": row.user_name,
+        "vm_id": row.vm_id,
+        "source": row.source,
+        "details": row.details or {},
+    }
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,21 @@ class SshObservation:
     vm_id: int | None = None  # known for the VM's channel
     peer: str | None = None  # sender address on the network receiver
     received_at: datetime = field(default_factory=utcnow)
+    # The domain a network sender is trusted for (``syslog_trusted_sources``); a network
+    # line without one belongs to no VM, whatever hostname it claims.
+    domain: str | None = None
+
+
+@dataclass(frozen=True)
+class FloodNotice:
+    """A syslog source started dropping lines (one per flood burst)."""
+
+    channel: str  # virtio, udp or tcp
+    vm_id: int | None
+    peer: str | None
+    queue_size: int
+    rate: float
+    at: datetime = field(default_factory=utcnow)
 
 
 def _valid_ip(source: str | None) -> str | None:
@@ -178,14 +204,9 @@ class SocService:
     # -- visibility -------------------------------------------------------------------
 
     @staticmethod
-    def _visible(stmt: Select[Any], identity: Identity) -> Select[Any]:
-        if identity.admin:
-            return stmt
-        own_vms = select(VM.id).join(User, VM.owner_id == User.id).where(User.name == identity.name)
-        return stmt.where(or_(Event.user_name == identity.name, Event.vm_id.in_(own_vms)))
-
-    def _filtered(self, identity: Identity, query: EventQuery) -> Select[Any]:
-        stmt = self._visible(select(Event), identity)
+    def _filters(query: EventQuery, stmt: Select[Any]) -> Select[Any]:
+        """The query's filters and cursor, newest first (or oldest first after
+        ``since_id``)."""
         if query.severity:
             stmt = stmt.where(Event.severity == query.severity)
         if query.type:
@@ -198,35 +219,116 @@ class SocService:
             stmt = stmt.where(Event.id < query.before_id)
         return stmt.order_by(Event.id.desc())
 
+    def _visible_ids(
+        self, session: Session, identity: Identity, query: EventQuery, limit: int
+    ) -> Any:
+        """A subquery of the ids of one page of a user's events.
+
+        "Their own or about their VMs" is an OR that no single index orders, so one query
+        would sort every visible row for every page. Instead each arm (the user's name, each
+        of their VMs) reads at most ``limit`` ids in index order from its cursor, and the
+        union's first ``limit`` are the page: a page costs ``limit`` rows per arm."""
+        vm_ids = list(
+            session.scalars(
+                select(VM.id).join(User, VM.owner_id == User.id)
+                .where(User.name == identity.name).order_by(VM.id)
+            )
+        )  # fmt: skip
+        if query.vm_id is not None:
+            vm_ids = [v for v in vm_ids if v == query.vm_id]
+        arms = [Event.user_name == identity.name]
+        arms += [Event.vm_id == v for v in vm_ids[:_MAX_ARMS]]
+        if len(vm_ids) > _MAX_ARMS:  # a long history of VMs: the rest in one (sorted) arm
+            arms.append(Event.vm_id.in_(vm_ids[_MAX_ARMS:]))
+        parts = [
+            self._filters(query, select(Event.id).where(arm)).limit(limit).subquery()
+            for arm in arms
+        ]
+        ids = union(*(select(p.c.id) for p in parts)).subquery()
+        order = ids.c.id.asc() if query.since_id is not None else ids.c.id.desc()
+        return select(ids.c.id.label("id")).order_by(order).limit(limit).subquery()
+
     # -- listing and export -------------------------------------------------------------
 
+    def _page(
+        self, session: Session, identity: Identity, query: EventQuery, columns: Any
+    ) -> Select[Any]:
+        """The statement of one page of visible events."""
+        limit = min(query.limit, MAX_PAGE)
+        if identity.admin:
+            return self._filters(query, select(*columns)).limit(limit)
+        ids = self._visible_ids(session, identity, query, limit)
+        order = Event.id.asc() if query.since_id is not None else Event.id.desc()
+        return select(*columns).join(ids, Event.id == ids.c.id).order_by(order)
+
     def list_events(self, identity: Identity, query: EventQuery) -> list[dict[str, Any]]:
-        """Events the caller may see: newest first, or after ``since_id`` oldest first."""
+        """Events the caller may see: newest first, or after ``since_id`` oldest first.
+
+        At most ``query.limit`` rows, and never more than ``MAX_PAGE``: a bigger read is
+        an export, which pages."""
         with self.db.session() as session:
-            rows = session.scalars(self._filtered(identity, query).limit(query.limit))
-            return [event_to_json(e) for e in rows]
+            stmt = self._page(session, identity, query, _EVENT_COLUMNS)
+            return [_row_to_json(row) for row in session.execute(stmt)]
+
+    def export_page(
+        self, identity: Identity, query: EventQuery, fmt: str, header: bool
+    ) -> tuple[str, int, int | None]:
+        """One page of an export, formatted (in a worker thread): the text, how many
+        rows and the last row's id.
+
+        Rows are written out as they are read, with ``details`` as the stored JSON text,
+        so a page leaves no objects behind: nothing grows the garbage collector's oldest
+        generation, whose full collections would hold the GIL (and the event loop). Every
+        20 rows the GIL is offered to the event loop."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n") if fmt == "csv" else None
+        if writer is not None and header:
+            writer.writerow(EXPORT_COLUMNS)
+        count, last = 0, None
+        dumps = json.dumps
+        with self.db.session() as session:
+            rows = session.execute(self._page(session, identity, query, _EXPORT_COLUMNS))
+            for id_, created, type_, severity, message, user, vm_id, source, details in rows:
+                count, last = count + 1, id_
+                if count % 20 == 0:
+                    time.sleep(0)  # hand the GIL to the event loop now, not in 5 ms
+                details = details if details and details != "null" else "{}"
+                if writer is not None:
+                    writer.writerow((
+                        id_, created.isoformat(), type_, severity, message, user or "",
+                        "" if vm_id is None else vm_id, source or "", details,
+                    ))  # fmt: skip
+                else:  # the keys in event_to_json's order, sorted as before
+                    out.write(
+                        f'{{"created_at": "{created.isoformat()}", "details": {details}, '
+                        f'"id": {id_}, "message": {dumps(message)}, "severity": '
+                        f'{dumps(severity)}, "source": {dumps(source)}, "type": {dumps(type_)}, '
+                        f'"user_name": {dumps(user)}, "vm_id": {dumps(vm_id)}}}\n'
+                    )
+        return out.getvalue(), count, last
 
     async def export(
         self, identity: Identity, query: EventQuery, fmt: str, page_size: int = 1000
     ) -> AsyncIterator[str]:
         """The events of ``list_events`` (up to ``query.limit``) as CSV or JSON Lines, in
-        chunks of one page each, read off the event loop."""
+        chunks of one page each: every page is read and formatted in a worker thread, so
+        memory and event-loop time stay bounded by the page, not the export."""
+        page_size = min(page_size, MAX_PAGE)
         remaining = query.limit
         cursor = query
         first = True
         while remaining > 0:
             size = min(page_size, remaining)
             page_query = EventQuery(size, *(getattr(cursor, f) for f in _CURSOR_FIELDS))
-            page = await asyncio.to_thread(self.list_events, identity, page_query)
-            if fmt == "csv":
-                yield events_to_csv(page, header=first)
-            else:
-                yield events_to_jsonl(page)
+            text, count, last = await asyncio.to_thread(
+                self.export_page, identity, page_query, fmt, first
+            )
+            if text:
+                yield text
             first = False
-            remaining -= len(page)
-            if len(page) < size:
+            remaining -= count
+            if count < size or last is None:
                 return
-            last = page[-1]["id"]
             if query.since_id is not None:
                 cursor = EventQuery(size, query.severity, query.type, query.vm_id, since_id=last)
             else:
@@ -352,34 +454,99 @@ class SocService:
                 written += self._record_one(session, obs)
         return written
 
-    def _resolve_vm(self, session: Session, obs: SshObservation) -> tuple[VM | None, int]:
-        """The VM an observation is about, and how many VMs its hostname could mean."""
+    def _resolve_vm(self, session: Session, obs: SshObservation) -> VM | None:
+        """The VM an observation is about: its channel's, or the one its network sender is
+        trusted for. A hostname alone never names a VM (anyone on the host can send one)."""
+        vm = None
         if obs.vm_id is not None:
             vm = session.get(VM, obs.vm_id)
-            return (vm if vm is not None and vm.status is not VMStatus.destroyed else None), 1
-        hostname = obs.event.hostname
-        if not hostname:
-            return None, 0
-        vm = session.scalar(
-            select(VM).where(VM.domain_name == hostname, VM.status != VMStatus.destroyed)
-        )
-        if vm is not None:
-            return vm, 1
-        # VM names are unique per user only: a name alone is trusted when it is unique.
-        candidates = session.scalars(
-            select(VM).where(VM.name == hostname, VM.status != VMStatus.destroyed).limit(2)
-        ).all()
-        return (candidates[0] if len(candidates) == 1 else None), len(candidates)
+        elif obs.domain is not None:
+            vm = session.scalar(select(VM).where(VM.domain_name == obs.domain))
+        return vm if vm is not None and vm.status is not VMStatus.destroyed else None
+
+    def _record_unattributed(self, session: Session, obs: SshObservation) -> int:
+        """A network SSH line no VM vouches for: one system event for admins, no count."""
+        ev = obs.event
+        host = ev.hostname or "-"
+        what = _SSH_MESSAGES[ev.kind].format(
+            target=f"host {host}", user=ev.user or "?", method=ev.method or "?",
+            source=_valid_ip(ev.source) or "an unknown address",
+        )  # fmt: skip
+        record_event(
+            session, EventType.system, Severity.info,
+            f"unattributed syslog over {obs.channel} from {obs.peer or '?'}: {what} - "
+            "not attributed to any VM (its sender is not in syslog_trusted_sources)",
+            source=_valid_ip(obs.peer),
+            **{k: v for k, v in {
+                "action": "syslog_unattributed", "ssh_action": f"ssh_{ev.kind.value}",
+                "channel": obs.channel, "peer": obs.peer, "hostname": ev.hostname,
+                "server": ev.server, "login": ev.user, "client": _valid_ip(ev.source),
+            }.items() if v is not None},
+        )  # fmt: skip
+        return 1
+
+    def record_floods(self, notices: list[FloodNotice]) -> int:
+        """One warning event per flood burst of a syslog source."""
+        with self.db.session() as session:
+            for notice in notices:
+                owner = None
+                if notice.vm_id is not None:
+                    vm = session.get(VM, notice.vm_id)
+                    owner = vm.owner.name if vm is not None else None
+                    what = f"the syslog channel of VM {vm.name if vm else notice.vm_id}"
+                else:
+                    what = f"syslog sender {notice.peer} ({notice.channel})"
+                record_event(
+                    session, EventType.system, Severity.warning,
+                    f"{what} floods the SOC: lines beyond {notice.rate:g} a second or "
+                    f"{notice.queue_size} waiting are dropped until it calms down",
+                    user_name=owner, vm_id=notice.vm_id, source=_valid_ip(notice.peer),
+                    action="syslog_flood", channel=notice.channel, queue_size=notice.queue_size,
+                    rate=notice.rate, **({"peer": notice.peer} if notice.peer else {}),
+                )  # fmt: skip
+        return len(notices)
+
+    # -- housekeeping -----------------------------------------------------------------------
+
+    def prune(
+        self, event_max_age: timedelta, now: datetime | None = None, batch: int = 10_000
+    ) -> tuple[int, int]:
+        """Delete events older than ``event_max_age`` (in batches, one transaction each)
+        and SSH failure counts older than ``findtime`` (they can no longer add up to a ban).
+        The Hub's login failures are its own. Returns (events, failures) deleted."""
+        now = now or utcnow()
+        cutoff = now - event_max_age
+        events = 0
+        while True:
+            with self.db.session() as session:
+                ids = select(Event.id).where(Event.created_at < cutoff).limit(batch)
+                deleted = session.execute(
+                    delete(Event).where(Event.id.in_(ids)).execution_options(
+                        synchronize_session=False
+                    )
+                ).rowcount  # fmt: skip
+            events += deleted or 0
+            if not deleted or deleted < batch:
+                break
+        with self.db.session() as session:
+            failures = session.execute(
+                delete(AuthFailure).where(
+                    AuthFailure.scope != HUB_SCOPE,
+                    AuthFailure.ts <= now - timedelta(seconds=self.policy.findtime),
+                ).execution_options(synchronize_session=False)
+            ).rowcount  # fmt: skip
+        return events, failures or 0
 
     def _record_one(self, session: Session, obs: SshObservation) -> int:
         ev = obs.event
-        vm, matches = self._resolve_vm(session, obs)
+        vm = self._resolve_vm(session, obs)
+        if vm is None:
+            return self._record_unattributed(session, obs)
         source = _valid_ip(ev.source)
-        host = ev.hostname or obs.peer or "?"
-        vm_id = vm.id if vm is not None else None
-        owner = vm.owner.name if vm is not None else None
-        target = f"VM {vm.name}" if vm is not None else f"host {host}"
-        where = {"vm_name": vm.name} if vm is not None else {"hostname": host}
+        vm_id = vm.id
+        owner = vm.owner.name
+        target = f"VM {vm.name}"
+        where = {"vm_name": vm.name}
         details: dict[str, Any] = {
             "action": f"ssh_{ev.kind.value}",
             "server": ev.server,
@@ -394,9 +561,7 @@ class SocService:
             "reason": ev.reason,
             "key": ev.key,
         }
-        if vm is None and obs.vm_id is None and matches > 1:
-            details["ambiguous_hostname"] = matches
-        scope = f"vm:{vm_id}" if vm_id is not None else f"host:{host}"
+        scope = f"vm:{vm_id}"
         outcome = None
         if details["counted"]:
             assert source is not None

@@ -52,6 +52,7 @@ class SyslogRecord:
     message: str
     timestamp: str | None = None
     priority: int | None = None
+    structured_data: str | None = None  # RFC 5424 SD elements, verbatim
 
 
 _RFC5424 = re.compile(
@@ -96,6 +97,7 @@ def parse_syslog(line: str | bytes) -> SyslogRecord | None:
                 message=msg,
                 timestamp=None if m["ts"] == "-" else m["ts"],
                 priority=priority,
+                structured_data=None if m["sd"] == "-" else m["sd"],
             )
     m = _BSD.match(line)
     if m is None:

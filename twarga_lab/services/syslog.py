@@ -1,17 +1,28 @@
 """Syslog into the SOC: a receiver on the network and one channel per running VM.
 
-* The network receiver listens on ``syslog_address`` (default ``127.0.0.1:5514``) over UDP
-  (one message per datagram) and TCP (RFC 6587: octet counting ``LEN SP MSG`` or one
-  message per line). A message names its VM only by hostname, which anyone on the host can
-  forge and which is unique per user only, so it is tied to a VM only when the hostname is
-  a domain name or a VM name nobody else uses.
 * The tiny image's syslogd writes into a virtio-serial port (``org.twarga.syslog.0``) whose
   host end is a UNIX socket libvirt creates per domain. The service connects to the socket of
   every running VM (at start-up, on libvirt lifecycle events, and again whenever the
-  connection drops while the VM runs), so every line is known to come from that VM.
+  connection drops while the VM runs), so every line is known to come from that VM. This
+  channel is the only source of a VM's security events that needs no configuration.
+* The network receiver listens on ``syslog_address`` (default ``127.0.0.1:5514``) over UDP
+  (one message per datagram) and TCP (RFC 6587: octet counting ``LEN SP MSG`` or one
+  message per line). Every account on the host can reach it and write any hostname, so a
+  message's hostname never names a VM. A network message is a VM's only when its sender
+  is trusted for that VM in ``syslog_trusted_sources`` (:class:`TrustedSources`): by
+  address, or by a shared secret in the RFC 5424 structured data
+  ``[twarga@32473 secret="..."]``. Everything else is at most an unattributed ``system``
+  event that only admins see: no VM's event, no failure count, no ban.
 
-Lines are parsed on the event loop (:mod:`twarga_lab.services.sshlog`) and SSH events are
-written to the database in batches from a worker thread (``SocService.record_ssh``).
+Each source (a VM's channel, or one sender address) has its own bounded queue and rate
+budget, and the consumer takes lines from the sources in turn, so a flooding sender cannot
+starve the VMs' channels or other senders. Dropped lines are counted (Prometheus
+``twarga_syslog_dropped_lines_total``) and each flood burst raises one warning event. TCP
+connections that stay silent, or hold an unfinished message, longer than ``tcp_timeout``
+are closed.
+
+Lines are parsed in a worker thread (:mod:`twarga_lab.services.sshlog`) and SSH events are
+written to the database in batches (``SocService.record_ssh``).
 """
 
 from __future__ import annotations
@@ -19,20 +30,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import ipaddress
 import logging
+import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import select
 
 from twarga_lab.db import Database
-from twarga_lab.db.models import VM, VMStatus
+from twarga_lab.db.models import VM, VMStatus, utcnow
 from twarga_lab.errors import TwargaError
-from twarga_lab.services.soc import SocService, SshObservation
-from twarga_lab.services.sshlog import MAX_LINE, SshEventKind, SshLogParser
+from twarga_lab.services.background import cancel_and_wait
+from twarga_lab.services.soc import FloodNotice, SocService, SshObservation
+from twarga_lab.services.sshlog import (
+    MAX_LINE,
+    SshEventKind,
+    SshLogParser,
+    SyslogRecord,
+    parse_syslog,
+)
 from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEvent
 from twarga_lab.virt.domain import SYSLOG_CHANNEL, channel_socket_path
 
@@ -40,6 +64,11 @@ log = logging.getLogger(__name__)
 
 MAX_TCP_CLIENTS = 64
 MAX_FRAME = 64 * 1024
+SECRET_SD_ID = "twarga@32473"  # 32473: the example enterprise number of RFC 5612
+_SECRET = re.compile(r'\[twarga@32473(?: [^\]]*?)? secret="((?:[^"\\\]]|\\.)*)"')
+SECRET_PREFIX = "secret:"
+MAX_NETWORK_SOURCES = 1024
+OVERFLOW_PEER = "other"
 
 
 def parse_address(address: str) -> tuple[str, int] | None:
@@ -58,6 +87,75 @@ def parse_address(address: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+class TrustedSources:
+    """Which network senders speak for which VM: ``{domain: [entry, ...]}``.
+
+    The key is a VM's libvirt domain name (the ``domain`` field of the VM API). An entry is
+    an address or network (``192.0.2.10``, ``10.1.0.0/24``) or ``secret:<token>``: a message
+    carrying ``[twarga@32473 secret="<token>"]`` in its RFC 5424 structured data. On a
+    shared host every account sends from 127.0.0.1, so trust a loopback address only for a
+    VM whose owner is the only one who can run code on this host; use a secret otherwise.
+
+    A message is the VM's when its secret is that VM's, or when its sender's address is
+    trusted for that VM alone (several VMs behind one address: the one whose domain the
+    hostname names). Anything else is unattributed.
+    """
+
+    def __init__(self, mapping: Mapping[str, Iterable[str]] | None = None) -> None:
+        self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
+        self.secrets: list[tuple[bytes, str]] = []
+        for domain, entries in (mapping or {}).items():
+            if not isinstance(domain, str) or not domain:
+                raise ValueError("syslog_trusted_sources: keys are VM domain names")
+            if isinstance(entries, str):
+                entries = [entries]
+            for entry in entries:
+                if not isinstance(entry, str):
+                    raise ValueError(f"syslog_trusted_sources[{domain!r}]: {entry!r} is no text")
+                if entry.startswith(SECRET_PREFIX):
+                    secret = entry[len(SECRET_PREFIX) :]
+                    if len(secret) < 16 or '"' in secret or "\\" in secret or "]" in secret:
+                        raise ValueError(
+                            f"syslog_trusted_sources[{domain!r}]: a secret needs 16 or more "
+                            'characters and no ", \\ or ]'
+                        )
+                    if any(hmac.compare_digest(secret.encode(), s) for s, _ in self.secrets):
+                        raise ValueError("syslog_trusted_sources: a secret is given twice")
+                    self.secrets.append((secret.encode(), domain))
+                    continue
+                try:
+                    network = ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"syslog_trusted_sources[{domain!r}]: {entry!r} is neither an "
+                        "address, a network nor secret:<token>"
+                    ) from None
+                self.networks.append((network, domain))
+
+    def __bool__(self) -> bool:
+        return bool(self.networks or self.secrets)
+
+    def attribute(self, peer: str | None, record: SyslogRecord) -> str | None:
+        """The domain a network message may speak for, or None."""
+        if self.secrets and record.structured_data:
+            m = _SECRET.search(record.structured_data)
+            if m is not None:
+                given = m[1].encode()
+                for secret, domain in self.secrets:
+                    if hmac.compare_digest(given, secret):
+                        return domain
+        if not self.networks or not peer:
+            return None
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return None
+        domains = {d for network, d in self.networks if address in network}
+        if len(domains) == 1:
+            return domains.pop()
+        return record.hostname if record.hostname in domains else None
+
+
 @dataclass(frozen=True)
 class Origin:
     """Which stream a line came through."""
@@ -66,81 +164,239 @@ class Origin:
     vm_id: int | None = None
     peer: str | None = None
 
+    @property
+    def source_key(self) -> tuple[str, Any]:
+        """The queue a line waits in: one per VM channel, one per sender address."""
+        if self.channel == "virtio":
+            return ("virtio", self.vm_id)
+        return ("net", self.peer)
+
+
+class TokenBucket:
+    """``rate`` per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class _Source:
+    """One sender's queue, budget and flood state."""
+
+    origin: Origin
+    bucket: TokenBucket
+    queue: deque[tuple[Origin, bytes]] = field(default_factory=deque)
+    dropped: int = 0
+    burst_dropped: int = 0
+    last_drop: float = 0.0
+    last_seen: float = 0.0
+    flooding: bool = False
+
 
 class SyslogIngest:
-    """Parses lines per stream and hands SSH events to the SOC in batches.
+    """Per-source bounded queues, drained in turn; SSH events go to the SOC in batches.
 
-    ``feed`` is called on the event loop and never blocks: beyond ``queue_size`` pending
-    lines, new ones are dropped (and counted) rather than letting a flood grow memory.
+    ``feed`` runs on the event loop and never blocks. Each source may queue ``queue_size``
+    lines and send ``rate`` lines a second (bursts of ``burst``; VM channels have their own
+    figures); beyond that its lines are dropped and counted, and the first drop of a burst
+    (a burst ends after ``flood_quiet`` seconds without drops) records one warning event.
     """
 
-    def __init__(self, soc: SocService, queue_size: int = 20000, batch: int = 500) -> None:
+    def __init__(
+        self,
+        soc: SocService,
+        queue_size: int = 2000,
+        batch: int = 500,
+        *,
+        trust: TrustedSources | None = None,
+        rate: float = 200.0,
+        burst: float = 2000.0,
+        guest_rate: float = 1000.0,
+        guest_burst: float = 5000.0,
+        flood_quiet: float = 10.0,
+        unattributed_rate: float = 1.0,
+        unattributed_burst: float = 60.0,
+    ) -> None:
         self.soc = soc
         self.batch = batch
-        self.dropped = 0
+        self.queue_size = queue_size
+        self.trust = trust or TrustedSources()
+        self.rate, self.burst = rate, burst
+        self.guest_rate, self.guest_burst = guest_rate, guest_burst
+        self.flood_quiet = flood_quiet
+        self.unattributed_rate, self.unattributed_burst = unattributed_rate, unattributed_burst
+        self.dropped: dict[str, int] = {"virtio": 0, "network": 0}
+        self.unattributed_dropped = 0
         self.recorded = 0
-        # None is the consumer's signal to finish what is queued and stop.
-        self._queue: asyncio.Queue[tuple[Origin, bytes] | None] = asyncio.Queue(queue_size)
-        self._parsers: dict[int | None, SshLogParser] = {}
+        self.floods = 0
+        self._sources: dict[tuple[str, Any], _Source] = {}
+        self._ready: deque[tuple[str, Any]] = deque()  # sources with queued lines, in turn
+        self._notices: list[FloodNotice] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
+        # Touched only in the consumer's worker thread (one batch at a time).
+        self._parsers: dict[tuple[str, Any], SshLogParser] = {}
+        self._unattributed: dict[str | None, TokenBucket] = {}
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def queued(self) -> int:
+        return sum(len(s.queue) for s in self._sources.values())
+
     def feed(self, origin: Origin, line: bytes) -> None:
-        """Queue one line (without its newline)."""
-        try:
-            self._queue.put_nowait((origin, line))
-        except asyncio.QueueFull:
-            self.dropped += 1
-            if self.dropped in (1, 1000) or self.dropped % 100000 == 0:
-                log.warning("syslog queue full: %d lines dropped so far", self.dropped)
+        """Queue one line (without its newline), or drop it if its source is over budget."""
+        key = origin.source_key
+        src = self._sources.get(key)
+        now = time.monotonic()
+        if src is None:
+            if key[0] == "net" and len(self._sources) >= MAX_NETWORK_SOURCES:
+                key = ("net", OVERFLOW_PEER)
+                src = self._sources.get(key)
+            if src is None:
+                guest = origin.channel == "virtio"
+                bucket = TokenBucket(
+                    self.guest_rate if guest else self.rate,
+                    self.guest_burst if guest else self.burst,
+                )
+                src = self._sources[key] = _Source(origin, bucket)
+        src.last_seen = now
+        if len(src.queue) >= self.queue_size or not src.bucket.take(now):
+            self._drop(key, src, now)
+            return
+        if not src.queue:
+            self._ready.append(key)
+        src.queue.append((origin, line))
+        self._wake.set()
+
+    def _drop(self, key: tuple[str, Any], src: _Source, now: float) -> None:
+        src.dropped += 1
+        src.burst_dropped += 1
+        src.last_drop = now
+        self.dropped["virtio" if key[0] == "virtio" else "network"] += 1
+        if not src.flooding:
+            src.flooding = True
+            self.floods += 1
+            origin = src.origin
+            log.warning(
+                "syslog flood from %s %s: dropping lines",
+                origin.channel, origin.vm_id if key[0] == "virtio" else key[1],
+            )  # fmt: skip
+            peer = None if key[0] == "virtio" else key[1]
+            notice = FloodNotice(
+                origin.channel, origin.vm_id, peer, self.queue_size, src.bucket.rate
+            )
+            self._notices.append(notice)
+            self._wake.set()
+
+    def _end_quiet_bursts(self, now: float) -> None:
+        for key, src in list(self._sources.items()):
+            if src.flooding and now - src.last_drop >= self.flood_quiet:
+                log.warning(
+                    "syslog flood from %s is over: %d lines dropped", key[1], src.burst_dropped
+                )
+                src.flooding = False
+                src.burst_dropped = 0
+            if (
+                key[0] == "net" and not src.queue and not src.flooding
+                and now - src.last_seen > max(60.0, self.flood_quiet)
+            ):  # fmt: skip
+                del self._sources[key]  # an idle sender: its budget is full again anyway
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.ensure_future(self._consume())
 
     async def stop(self) -> None:
-        """Record what is already queued, then stop (cancel if the queue is full)."""
+        """Record what is already queued, then stop."""
         if self._task is None:
             return
+        self._stopping = True
+        self._wake.set()
         try:
-            self._queue.put_nowait(None)
-        except asyncio.QueueFull:
-            self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=30)
+        except TimeoutError:
+            await cancel_and_wait(self._task)
         self._task = None
 
+    def _take(self) -> list[tuple[Origin, bytes]]:
+        """Up to ``batch`` lines, one from each source in turn."""
+        items: list[tuple[Origin, bytes]] = []
+        while self._ready and len(items) < self.batch:
+            key = self._ready.popleft()
+            src = self._sources.get(key)
+            if src is None or not src.queue:
+                continue
+            items.append(src.queue.popleft())
+            if src.queue:
+                self._ready.append(key)
+        return items
+
     def _observe(self, origin: Origin, line: bytes) -> SshObservation | None:
-        # Network streams share one parser: it keys dropbear pids by hostname itself.
-        key = origin.vm_id if origin.channel == "virtio" else None
+        if b"sshd" not in line and b"dropbear" not in line:
+            return None  # most of a syslog stream
+        record = parse_syslog(line)
+        if record is None:
+            return None
+        domain = None
+        if origin.channel == "virtio":
+            key: tuple[str, Any] = ("virtio", origin.vm_id)
+        else:
+            domain = self.trust.attribute(origin.peer, record) if self.trust else None
+            key = ("net", domain)  # dropbear pids mean something within one machine only
         parser = self._parsers.get(key)
         if parser is None:
             parser = self._parsers[key] = SshLogParser()
-        event = parser.parse_line(line)
+        event = parser.classify(record)
         if event is None or event.kind is SshEventKind.connection:
             return None
-        return SshObservation(event, origin.channel, origin.vm_id, origin.peer)
+        if origin.channel != "virtio" and domain is None:
+            bucket = self._unattributed.get(origin.peer)
+            if bucket is None:
+                if len(self._unattributed) >= MAX_NETWORK_SOURCES:
+                    self._unattributed.clear()
+                bucket = self._unattributed[origin.peer] = TokenBucket(
+                    self.unattributed_rate, self.unattributed_burst
+                )
+            if not bucket.take(time.monotonic()):
+                self.unattributed_dropped += 1
+                return None
+        return SshObservation(event, origin.channel, origin.vm_id, origin.peer, domain=domain)
 
-    def _process(self, items: list[tuple[Origin, bytes]]) -> int:
+    def _process(self, items: list[tuple[Origin, bytes]], notices: list[FloodNotice]) -> int:
         # In a worker thread, one batch at a time: parsing stays off the event loop, and
         # the parsers are only ever touched here.
         observations = [o for o in (self._observe(*item) for item in items) if o]
-        return self.soc.record_ssh(observations) if observations else 0
+        written = self.soc.record_ssh(observations) if observations else 0
+        if notices:
+            written += self.soc.record_floods(notices)
+        return written
 
     async def _consume(self) -> None:
-        finished = False
-        while not finished:
-            item = await self._queue.get()
-            items: list[tuple[Origin, bytes]] = []
-            while True:
-                if item is None:
-                    finished = True
-                    break
-                items.append(item)
-                if len(items) >= self.batch or self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
+        while True:
+            now = time.monotonic()
+            self._end_quiet_bursts(now)
+            items = self._take()
+            notices, self._notices = self._notices, []
+            if not items and not notices:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                continue
             try:
-                self.recorded += await asyncio.to_thread(self._process, items)
+                self.recorded += await asyncio.to_thread(self._process, items, notices)
             except Exception:
                 log.exception("could not record a batch of %d syslog lines", len(items))
 
@@ -173,14 +429,19 @@ class _UDPProtocol(asyncio.DatagramProtocol):
 
 
 class SyslogReceiver:
-    """UDP and TCP syslog on one address."""
+    """UDP and TCP syslog on one address; a TCP client silent (or stuck in the middle of
+    a message) for ``tcp_timeout`` seconds is disconnected."""
 
-    def __init__(self, ingest: SyslogIngest, host: str, port: int) -> None:
+    def __init__(
+        self, ingest: SyslogIngest, host: str, port: int, *, tcp_timeout: float = 60.0
+    ) -> None:
         self.ingest = ingest
         self.host = host
         self.port = port
+        self.tcp_timeout = tcp_timeout
         self.udp_port: int | None = None
         self.tcp_port: int | None = None
+        self.timeouts = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._clients: set[asyncio.Task[Any]] = set()
@@ -213,12 +474,34 @@ class SyslogReceiver:
         self._clients.add(task)
         peer = writer.get_extra_info("peername")
         origin = Origin("tcp", peer=str(peer[0]) if peer else None)
+        loop = asyncio.get_running_loop()
         buffer = bytearray()
+        partial_since: float | None = None  # when the unfinished message began
         try:
-            while chunk := await reader.read(65536):
+            while True:
+                now = loop.time()
+                timeout = self.tcp_timeout
+                if partial_since is not None:
+                    timeout = max(0.0, partial_since + self.tcp_timeout - now)
+                try:
+                    chunk = await asyncio.wait_for(reader.read(65536), timeout)
+                except TimeoutError:
+                    self.timeouts += 1
+                    log.info(
+                        "syslog: closing TCP connection from %s after %g s without a "
+                        "complete message", origin.peer, self.tcp_timeout,
+                    )  # fmt: skip
+                    break
+                if not chunk:
+                    break
+                before = len(buffer) + len(chunk)
                 buffer += chunk
                 if not self._frames(buffer, origin):
                     break  # a broken octet count: the stream cannot be resynchronised
+                if not buffer:
+                    partial_since = None
+                elif partial_since is None or len(buffer) < before:
+                    partial_since = loop.time()  # a message completed; a new one began
         except (ConnectionError, asyncio.CancelledError):
             pass  # the sender went away or we are stopping: what arrived is kept
         finally:
@@ -251,31 +534,6 @@ class SyslogReceiver:
                 if line:
                     self.ingest.feed(origin, line[:MAX_LINE])
         return True
-
-
-class LineBudget:
-    """At most ``rate`` lines a second (bursts of ``burst``) from one guest; the rest is
-    dropped, so a guest flooding its channel cannot flood the database."""
-
-    def __init__(
-        self, feed: Callable[[bytes], None], name: str, rate: float = 1000, burst: float = 5000
-    ) -> None:
-        self.feed, self.name, self.rate, self.burst = feed, name, rate, burst
-        self.tokens = burst
-        self.stamp = time.monotonic()
-        self.dropped = 0
-
-    def __call__(self, line: bytes) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            self.feed(line)
-            return
-        self.dropped += 1
-        if self.dropped in (1, 10000) or self.dropped % 1000000 == 0:
-            log.warning("%s floods its syslog channel: %d lines dropped", self.name, self.dropped)
 
 
 class GuestChannels:
@@ -380,9 +638,7 @@ class GuestChannels:
             delay = 0.1
             log.info("reading the syslog channel of %s", domain)
             self.connected[domain].set()
-            feed = LineBudget(
-                functools.partial(self.ingest.feed, Origin("virtio", vm_id=vm_id)), domain
-            )
+            feed = functools.partial(self.ingest.feed, Origin("virtio", vm_id=vm_id))
             buffer = bytearray()
             try:
                 while chunk := await reader.read(65536):
@@ -396,8 +652,21 @@ class GuestChannels:
             await asyncio.sleep(0.2)  # QEMU closed it: stopped, or restarted under us
 
 
+@dataclass(frozen=True)
+class SyslogConfig:
+    """The receiver's and the SOC's housekeeping settings (traits of the app)."""
+
+    trusted_sources: Mapping[str, Iterable[str]] = field(default_factory=dict)
+    source_queue_size: int = 2000
+    source_rate: float = 200.0
+    tcp_timeout: float = 60.0
+    event_retention_days: float = 90.0
+    prune_interval: float = 3600.0
+
+
 class SyslogService:
-    """The network receiver, the VMs' channels and the ingest queue, started together."""
+    """The network receiver, the VMs' channels, the ingest queues and the SOC's pruning,
+    started together."""
 
     def __init__(
         self,
@@ -407,17 +676,34 @@ class SyslogService:
         *,
         address: str,
         domain_prefix: str,
+        config: SyslogConfig | None = None,
     ) -> None:
         self.soc = soc
+        self.config = config = config or SyslogConfig()
         self.address = parse_address(address)
-        self.ingest = SyslogIngest(soc)
+        self.ingest = SyslogIngest(
+            soc,
+            config.source_queue_size,
+            trust=TrustedSources(config.trusted_sources),
+            rate=config.source_rate,
+            burst=max(10 * config.source_rate, 1.0),
+        )
         self.channels = GuestChannels(db, backend, self.ingest, domain_prefix)
         self.receiver: SyslogReceiver | None = None
+        self.pruned_events = 0
+        self.pruned_failures = 0
+        self._pruner: asyncio.Task[None] | None = None
+
+    def set_trusted_sources(self, mapping: Mapping[str, Iterable[str]]) -> None:
+        """Replace the trusted senders (a changed ``syslog_trusted_sources``)."""
+        self.ingest.trust = TrustedSources(mapping)
 
     async def start(self) -> None:
         self.ingest.start()
         if self.address is not None:
-            receiver = SyslogReceiver(self.ingest, *self.address)
+            receiver = SyslogReceiver(
+                self.ingest, *self.address, tcp_timeout=self.config.tcp_timeout
+            )
             try:
                 await receiver.start()
             except OSError as e:
@@ -433,9 +719,69 @@ class SyslogService:
                     receiver.host, receiver.udp_port, receiver.tcp_port,
                 )  # fmt: skip
         await self.channels.start()
+        if self._pruner is None and self.config.prune_interval > 0:
+            self._pruner = asyncio.ensure_future(self._prune_loop())
+
+    def prune(self) -> tuple[int, int]:
+        """Delete events past their retention and failures past findtime (blocking)."""
+        events, failures = self.soc.prune(
+            timedelta(days=self.config.event_retention_days), utcnow()
+        )
+        self.pruned_events += events
+        self.pruned_failures += failures
+        return events, failures
+
+    async def _prune_loop(self) -> None:
+        while True:
+            try:
+                events, failures = await asyncio.to_thread(self.prune)
+                if events or failures:
+                    log.info("SOC: pruned %d old events and %d old failures", events, failures)
+            except Exception:
+                log.exception("SOC: pruning old events failed")
+            await asyncio.sleep(self.config.prune_interval)
 
     async def stop(self) -> None:
+        await cancel_and_wait(self._pruner)
+        self._pruner = None
         await self.channels.stop()
         if self.receiver is not None:
             await self.receiver.stop()
         await self.ingest.stop()
+
+
+class SyslogCollector(Collector):
+    """The receiver's counters for Prometheus (registered with the metrics exposition)."""
+
+    def __init__(self, service: SyslogService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        ingest = self.service.ingest
+        dropped = CounterMetricFamily(
+            "twarga_syslog_dropped_lines",
+            "Syslog lines dropped because their source was over its queue or rate budget.",
+            labels=["channel"],
+        )
+        for channel, count in ingest.dropped.items():
+            dropped.add_metric([channel], count)
+        yield dropped
+        yield CounterMetricFamily(
+            "twarga_syslog_floods",
+            "Flood bursts (each raised one warning event).",
+            value=ingest.floods,
+        )
+        yield CounterMetricFamily(
+            "twarga_syslog_unattributed_dropped",
+            "Unattributed SSH lines from the network not recorded (over their budget).",
+            value=ingest.unattributed_dropped,
+        )
+        receiver = self.service.receiver
+        yield CounterMetricFamily(
+            "twarga_syslog_tcp_timeouts",
+            "TCP syslog connections closed for silence or an unfinished message.",
+            value=receiver.timeouts if receiver is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "twarga_syslog_queued_lines", "Syslog lines waiting to be parsed.", value=ingest.queued
+        )
