@@ -22,3 +22,7 @@ c.ServerApp.authorizer_class = "twarga_lab.hub.service.TwargaServiceAuthorizer"
 c.ServerApp.allow_remote_access = False
 c.ServerApp.open_browser = False
 c.ServerApp.allow_root = True  # the service is the privileged account by design
+# How long the service believes a token or cookie the Hub accepted (JupyterHub's default
+# is 300 s): a revoked token (logout, a disabled account, a reset password) stops working
+# here within seconds. Disabled accounts are also refused from Twarga's DB on every request.
+c.HubOAuth.cache_max_age = 5

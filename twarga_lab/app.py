@@ -102,6 +102,14 @@ class Services:
         hub_user = getattr(user, "hub_user", None)
         if isinstance(hub_user, dict) and hub_user.get("name"):
             name = str(hub_user["name"])
+            # A disabled account is refused on every request, whatever token or cookie the
+            # Hub (or its cache here) still honours: its state is read from Twarga's DB.
+            from twarga_lab.errors import Forbidden
+            from twarga_lab.services.accounts import account_refusal
+
+            refusal = await self.run(account_refusal, self.db, name)
+            if refusal:
+                raise Forbidden(refusal, "account_disabled")
             if "admin" in hub_user:
                 return Identity(name=name, admin=bool(hub_user["admin"]))
             if self.hub_users is not None:

@@ -268,6 +268,9 @@ class Account(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     approved_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
     last_login: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The uid of the system account Twarga created for this login (None: none yet). An
+    # existing system account is reused only if it is this one.
+    system_uid: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class AuthFailure(Base):
