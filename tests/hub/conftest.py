@@ -57,6 +57,10 @@ class HubProcess:
         self.url = f"http://127.0.0.1:{env['TWARGA_HUB_PORT']}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "hub.log"
+        # With TWARGA_SUBDOMAIN_HOST the service answers on its own host name: the
+        # Host header to reach it through the proxy (still on 127.0.0.1).
+        self.service_host: str | None = None
+        self.hub_host: str | None = None  # and the Hub's (HubClient's address then)
 
     @property
     def db_path(self) -> Path:
@@ -75,7 +79,11 @@ class HubProcess:
         def service_up() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.tail()
             try:
-                r = httpx.get(f"{self.url}/services/twarga/twarga/api/me", timeout=5)
+                r = httpx.get(
+                    f"{self.url}/services/twarga/twarga/api/me",
+                    headers={"Host": self.service_host} if self.service_host else {},
+                    timeout=5,
+                )
             except httpx.HTTPError:
                 return False
             return r.status_code == 401
@@ -115,17 +123,35 @@ class HubProcess:
         return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
 
 
+class LoopbackTransport(httpx.HTTPTransport):
+    """Every request goes to 127.0.0.1, whatever host name its URL (and Host header and
+    cookies) carries: names like ``hub.localhost`` are never looked up."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        inner = httpx.Request(
+            request.method,
+            request.url.copy_with(host="127.0.0.1"),
+            headers=request.headers,
+            stream=request.stream,
+            extensions=request.extensions,
+        )
+        return super().handle_request(inner)
+
+
 class HubClient:
-    """A browser-like session with the Hub, from one loopback source address."""
+    """A browser-like session with the Hub, from one loopback source address (at
+    ``hub.hub_host`` when the Hub has one, still on 127.0.0.1)."""
 
     def __init__(self, hub: HubProcess, source: str = "127.0.0.1") -> None:
         self.hub = hub
+        port = hub.env["TWARGA_HUB_PORT"]
         self.http = httpx.Client(
-            base_url=hub.url,
-            transport=httpx.HTTPTransport(local_address=source),
+            base_url=f"http://{hub.hub_host}" if hub.hub_host else hub.url,
+            transport=LoopbackTransport(local_address=source),
             follow_redirects=False,
             timeout=60,
         )
+        assert hub.hub_host is None or hub.hub_host.endswith(f":{port}")
 
     def xsrf(self) -> str:
         if "_xsrf" not in self.http.cookies:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -220,6 +221,16 @@ def proxy_token(hub: HubProcess) -> str:
     return token.split(b"=", 1)[1].decode()
 
 
+def proxy_routes(hub: HubProcess) -> dict[str, Any]:
+    """The proxy's routing table, read with its token (as root)."""
+    reply = httpx.get(
+        f"http://127.0.0.1:{int(hub.env['TWARGA_HUB_API_PORT']) + 1}/api/routes",
+        headers={"Authorization": f"token {proxy_token(hub)}"}, timeout=30,
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
 def test_no_secret_is_on_a_command_line_or_in_the_hubs_log(hub):
     name, token, _ = approved_user(hub, "se")
     start_server(hub, name, token)
@@ -316,11 +327,7 @@ def test_loopback_ports_refuse_users_without_a_valid_token(hub):
     seen = environ_as(name, [proxy_pid(hub), str(hub.proc.pid)])
     assert set(seen.values()) == {"denied"}, seen
     # And nothing above changed the routes: the real token shows no "stolen" one.
-    routes = httpx.get(
-        f"{chp_api}/routes", headers={"Authorization": f"token {chp_token}"}, timeout=30
-    )
-    assert routes.status_code == 200
-    assert "/stolen" not in routes.json()
+    assert "/stolen" not in proxy_routes(hub)
     assert api(hub, token, "GET", "vms").json() == []  # no VM "direct" either
 
 
@@ -357,3 +364,51 @@ def test_a_cookie_request_from_another_origin_or_a_users_page_is_refused(hub):
         timeout=60,
     )
     assert with_token.status_code == 200
+
+
+def test_with_subdomain_host_each_users_server_and_the_service_have_their_own_origin():
+    """``TWARGA_SUBDOMAIN_HOST``: the proxy routes ``<name>.<host>`` to a user's server and
+    ``twarga--service.<host>`` to the service (names are only Host headers here: nothing
+    resolves them; requests go to 127.0.0.1)."""
+    root = Path("/tmp") / f"twarga-sub-{uuid.uuid4().hex[:8]}"
+    images = root.parent / f"{root.name}-images"
+    make_placeholder_image(images)
+    env = prepare_hub(root, images, "test:///default", f"ts{uuid.uuid4().hex[:6]}-")
+    port = env["TWARGA_HUB_PORT"]
+    env["TWARGA_SUBDOMAIN_HOST"] = f"http://hub.localhost:{port}"
+    hub = HubProcess(env, root)
+    hub.service_host = f"twarga--service.hub.localhost:{port}"
+    hub.hub_host = f"hub.localhost:{port}"
+    hub.start()
+    try:
+        name, token, _ = approved_user(hub, "sd")
+        auth = {"Authorization": f"token {token}"}
+        own_host = f"{name}.hub.localhost:{port}"
+        routes = proxy_routes(hub)
+        assert "/twarga--service.hub.localhost/services/twarga" in routes, list(routes)
+        start_server(hub, name, token)
+        try:
+            assert f"/{name}.hub.localhost/user/{name}" in proxy_routes(hub)
+            # The user's server, on the user's own host, forwards to the service.
+            me = httpx.get(
+                f"{hub.url}/user/{name}/twarga/api/me",
+                headers={**auth, "Host": own_host}, timeout=60,
+            )  # fmt: skip
+            assert me.status_code == 200, me.text
+            assert me.json()["name"] == name
+            # The service, on its own host.
+            direct = httpx.get(
+                f"{hub.url}/services/twarga/twarga/api/me",
+                headers={**auth, "Host": hub.service_host}, timeout=60,
+            )  # fmt: skip
+            assert direct.status_code == 200, direct.text
+            # Notebooks are told the service's public address.
+            pid = pids_of("user_server_config.py")[0]
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"TWARGA_URL=http://{hub.service_host}/services/twarga/".encode() in environ
+        finally:
+            stop_server(hub, name, token)
+    finally:
+        hub.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(images, ignore_errors=True)
