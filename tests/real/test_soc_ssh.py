@@ -1,5 +1,6 @@
-"""SSH into a real guest: brute force is detected from the guest's own syslog channel, and
-the ban and the counts survive a restart of the service.
+"""SSH into a real guest: brute force is detected from the guest's own syslog channel (also
+when it comes from another local account, as any tenant could), and the ban and the
+counts survive a restart of the service.
 
 The SSH client is OpenSSH's ``ssh`` driven by ``sshpass`` (Debian packages
 ``openssh-client`` and ``sshpass``), through the VM's forward on 127.0.0.1.
@@ -18,6 +19,7 @@ import jsonschema
 import pytest
 
 from tests.helpers import virsh, wait_for, wait_status
+from tests.throwaway import run_as, throwaway_user
 from twarga_lab.event_schemas import load_schema
 
 pytestmark = pytest.mark.real
@@ -198,3 +200,39 @@ async def _count(api: Any, vm_id: int, action: str, count: int) -> list[dict] | 
 async def _connected(twarga: Any, domain: str) -> bool:
     event = twarga.services.syslog.channels.connected.get(domain)
     return event is not None and event.is_set()
+
+
+async def test_brute_force_from_another_local_account_is_detected(api, twarga, cleanup_domains):
+    """Every account on the host reaches every VM's 127.0.0.1 forward: a tenant guessing
+    Alice's root password is caught by her guest's own syslog like anyone else."""
+    vm = (await api("POST", "vms", body={"name": "victim"})).json
+    await wait_status(api, vm["id"], "running", timeout=BOOT_TIMEOUT)
+    creds = (await api("GET", f"vms/{vm['id']}/credentials")).json
+    port, password = creds["ssh_port"], creds["password"]
+
+    async def ssh_up() -> bool:  # the owner's login: no failure counted
+        return await ssh_with_password(port, password) == 0
+
+    await wait_for(ssh_up, timeout=BOOT_TIMEOUT, interval=1.0)
+
+    with throwaway_user() as tenant:
+        for _ in range(6):
+            code, out = await run_as(
+                tenant, "sshpass", "-e", "ssh", *SSH_OPTIONS, *PASSWORD_ONLY, "-p", str(port),
+                "root@127.0.0.1", "true", env={**os.environ, "SSHPASS": "guess-123456"},
+            )  # fmt: skip
+            assert code == 5, out  # sshpass: the password was refused
+
+    events = await wait_for(
+        lambda: _count(api, vm["id"], "ssh_failed", 6), timeout=10, interval=0.1
+    )
+    (alarm,) = of_action(events, "ssh_bruteforce")
+    assert alarm["severity"] == "critical" and alarm["vm_id"] == vm["id"]
+    assert alarm["source"] == "10.0.2.2" and alarm["details"]["failures"] == 5
+    assert all(e["details"]["channel"] == "virtio" for e in of_action(events, "ssh_failed"))
+    jsonschema.validate(alarm, load_schema("security"))
+    assert [(b["vm_id"], b["source"]) for b in (await api("GET", "soc/bans")).json] == [
+        (vm["id"], "10.0.2.2")
+    ]
+    assert await security_events(api, vm["id"], user="bob") == []
+    assert (await api("DELETE", f"vms/{vm['id']}")).status == 204
