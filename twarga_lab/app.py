@@ -561,7 +561,9 @@ class TwargaLabApp(ExtensionApp):
             token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
             if not self.service_url or not token:
                 self.log.error("Twarga Lab proxy mode needs $TWARGA_SERVICE_URL and a Hub token")
-            self.settings["twarga_lab_proxy"] = ProxyTarget(self.service_url, token)
+            self.settings["twarga_lab_proxy"] = ProxyTarget(
+                self.service_url, token, owner=os.environ.get("JUPYTERHUB_USER", "")
+            )
             self.log.info("Twarga Lab: forwarding /twarga/api to %s", self.service_url)
             return
         self.services = self.build_services()

@@ -1,10 +1,18 @@
 """Proxy mode: in a Hub user's own server, ``/twarga/api/...`` is forwarded to the twarga
 service with the server's Hub token, so the lab panel and notebooks use the same paths in
-personal and Hub mode while only the service touches libvirt and the database."""
+personal and Hub mode while only the service touches libvirt and the database.
+
+The server's token speaks for the server's owner, so only the owner's own requests are
+forwarded: anyone else the Hub lets reach this server (an admin visiting it, a holder of
+``access:servers``, a service) gets 403 JSON and nothing is sent upstream. The console
+websocket is checked completely (token not in the URL, authenticated, the owner, a
+websocket upgrade from an allowed Origin) before the upstream console is connected, and
+the upstream is closed whenever the browser's side ends or is refused."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +31,8 @@ PASSED_HEADERS = ("Content-Type", "Location", "Retry-After")
 
 @dataclass(frozen=True)
 class ProxyTarget:
-    """Where the twarga service listens and the token that identifies this user to it."""
+    """Where the twarga service listens, the token that identifies this server's owner
+    to it, and that owner's Hub name (``$JUPYTERHUB_USER``)."""
 
     service_url: str
     token: str
@@ -60,7 +69,18 @@ class TwargaProxyHandler(ScrubbedLogMixin, APIHandler):
     def target(self) -> ProxyTarget:
         return self.settings["twarga_lab_proxy"]
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        message = self._reason
+        if isinstance(error, web.HTTPError) and error.log_message:
+            message = error.log_message % error.args if error.args else error.log_message
+        self.set_header("Content-Type", "application/json")
+        self.finish(
+            json.dumps({"message": message, "reason": self._reason.lower().replace(" ", "_")})
+        )
+
     async def _forward(self, path: str) -> None:
+        check_owner(self, self.target)
         url = url_path_join(self.target.service_url, "twarga/api", path)
         if self.request.query:
             url = f"{url}?{self.request.query}"
@@ -138,8 +158,10 @@ class TwargaConsoleProxy(
     async def get(self, vm_id: str) -> None:  # type: ignore[override]
         if "token" in self.request.query_arguments:
             raise web.HTTPError(400, "send the token in the Authorization header, not the URL")
-        if not self.current_user:
-            raise web.HTTPError(401, "authentication required")
+        check_owner(self, self.target)
+        refusal = websocket_refusal(self)
+        if refusal is not None:
+            raise web.HTTPError(refusal[0], refusal[1])
         url = url_path_join(self.target.service_url, "twarga/api/vms", vm_id, "console")
         request = httpclient.HTTPRequest(
             url.replace("http", "ws", 1), headers={"Authorization": f"token {self.target.token}"}
@@ -155,15 +177,25 @@ class TwargaConsoleProxy(
             raise web.HTTPError(e.code, message) from None
         except OSError as e:
             raise web.HTTPError(503, f"the twarga service is unreachable: {e}") from None
-        await super().get(vm_id)
+        try:
+            await super().get(vm_id)
+        finally:
+            # Returns once the browser's socket is over, or was refused after all.
+            self._close_upstream()
+
+    def _close_upstream(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.close()
 
     def open(self, vm_id: str) -> None:  # type: ignore[override]
         self._pump = asyncio.ensure_future(self._relay_from_upstream())
 
     async def _relay_from_upstream(self) -> None:
-        assert self.upstream is not None
+        upstream = self.upstream
+        assert upstream is not None
         while True:
-            message = await self.upstream.read_message()
+            message = await upstream.read_message()
             if message is None:
                 self.close()
                 return
@@ -174,12 +206,11 @@ class TwargaConsoleProxy(
 
     async def on_message(self, message: str | bytes) -> None:
         if self.upstream is not None:
-            await self.upstream.write_message(message)
+            with contextlib.suppress(websocket.WebSocketClosedError):
+                await self.upstream.write_message(message)
 
     def on_close(self) -> None:
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
+        self._close_upstream()
 
 
 PROXY_ROUTES = [
