@@ -412,3 +412,39 @@ def test_with_subdomain_host_each_users_server_and_the_service_have_their_own_or
         hub.stop()
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(images, ignore_errors=True)
+
+
+def server_port(name: str) -> int:
+    """The loopback port of ``name``'s own server (from its environment, read as root)."""
+    for pid in pids_of("user_server_config.py"):
+        environ = dict(
+            item.split("=", 1)
+            for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+            if "=" in item
+        )
+        if environ.get("JUPYTERHUB_USER") == name:
+            return int(environ["JUPYTERHUB_SERVICE_URL"].rsplit(":", 1)[1].split("/")[0])
+    raise AssertionError(f"no server of {name} running")
+
+
+def test_another_users_server_port_refuses_a_direct_call(hub):
+    alice, alice_token, _ = approved_user(hub, "al")
+    bob, bob_token, _ = approved_user(hub, "bo")
+    start_server(hub, alice, alice_token)
+    try:
+        base = f"http://127.0.0.1:{server_port(alice)}/user/{alice}"
+        calls = [
+            ("GET", f"{base}/api/contents", None),
+            ("POST", f"{base}/api/kernels", "{}"),
+            ("GET", f"{base}/twarga/api/me", None),
+            ("GET", f"{base}/twarga/api/vms", None),
+        ]
+        for headers in ([], [f"Authorization: token {bob_token}"]):
+            for method, url, body in calls:
+                status = curl_as(bob, method, url, headers, body)
+                assert status in (401, 403), (method, url, headers, status)
+        # The same call with alice's own token does reach her server: the port is right.
+        assert curl_as(alice, "GET", f"{base}/twarga/api/me",
+                       [f"Authorization: token {alice_token}"], None) == 200  # fmt: skip
+    finally:
+        stop_server(hub, alice, alice_token)
