@@ -121,3 +121,15 @@ def test_bad_trusted_sources_are_refused(mapping):
         TrustedSources(mapping)
     with pytest.raises(TraitError):
         TwargaLabApp(syslog_trusted_sources=mapping)
+
+
+def test_network_senders_changing_addresses_share_one_bounded_allowance():
+    ingest = SyslogIngest(FakeSoc(), queue_size=10, batch=1000, rate=1e9, burst=1e9)  # type: ignore[arg-type]
+    for n in range(5000):  # every line from a new loopback address
+        ingest.feed(Origin("udp", peer=f"127.0.{n // 250}.{n % 250 + 1}"), b"x")
+    assert ingest.queued == ingest.network_limit == 100
+    assert ingest.dropped["network"] == 4900
+    assert len(ingest._notices) == 10  # warning events: ten, then one a minute
+    guest = Origin("virtio", vm_id=3)
+    ingest.feed(guest, b"still heard")
+    assert (guest, b"still heard") in ingest._take()

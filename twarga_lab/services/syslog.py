@@ -210,6 +210,9 @@ class SyslogIngest:
     lines and send ``rate`` lines a second (bursts of ``burst``; VM channels have their own
     figures); beyond that its lines are dropped and counted, and the first drop of a burst
     (a burst ends after ``flood_quiet`` seconds without drops) records one warning event.
+    Network senders may also pick new source addresses (all of 127.0.0.0/8 is theirs), so
+    together they queue at most ten sources' worth: memory stays bounded and VM channels,
+    which never share that allowance, keep their turns.
     """
 
     def __init__(
@@ -236,6 +239,11 @@ class SyslogIngest:
         self.flood_quiet = flood_quiet
         self.unattributed_rate, self.unattributed_burst = unattributed_rate, unattributed_burst
         self.dropped: dict[str, int] = {"virtio": 0, "network": 0}
+        self.network_limit = 10 * queue_size
+        self._network_queued = 0
+        # Warning events for network floods: ten, then one a minute (a sender hopping
+        # addresses starts a "new" flood with each).
+        self._flood_events = TokenBucket(1 / 60, 10)
         self.unattributed_dropped = 0
         self.recorded = 0
         self.floods = 0
@@ -270,12 +278,19 @@ class SyslogIngest:
                 )
                 src = self._sources[key] = _Source(origin, bucket)
         src.last_seen = now
-        if len(src.queue) >= self.queue_size or not src.bucket.take(now):
+        network = key[0] == "net"
+        if (
+            len(src.queue) >= self.queue_size
+            or (network and self._network_queued >= self.network_limit)
+            or not src.bucket.take(now)
+        ):
             self._drop(key, src, now)
             return
         if not src.queue:
             self._ready.append(key)
         src.queue.append((origin, line))
+        if network:
+            self._network_queued += 1
         self._wake.set()
 
     def _drop(self, key: tuple[str, Any], src: _Source, now: float) -> None:
@@ -291,6 +306,8 @@ class SyslogIngest:
                 "syslog flood from %s %s: dropping lines",
                 origin.channel, origin.vm_id if key[0] == "virtio" else key[1],
             )  # fmt: skip
+            if key[0] == "net" and not self._flood_events.take(now):
+                return
             peer = None if key[0] == "virtio" else key[1]
             notice = FloodNotice(
                 origin.channel, origin.vm_id, peer, self.queue_size, src.bucket.rate
@@ -338,6 +355,8 @@ class SyslogIngest:
             if src is None or not src.queue:
                 continue
             items.append(src.queue.popleft())
+            if key[0] == "net":
+                self._network_queued -= 1
             if src.queue:
                 self._ready.append(key)
         return items
