@@ -128,7 +128,7 @@ def test_a_system_account_twarga_did_not_create_is_never_handed_to_a_hub_user(hu
 # -- 3. disabling, resetting and changing passwords revoke access ---------------------------
 
 
-def test_disabling_an_account_revokes_its_tokens_sessions_and_server(hub, system_users):
+def test_disabling_an_account_revokes_its_tokens_sessions_and_processes(hub, system_users, request):
     name, client = approved_user(hub, system_users, "ds")
     token = client.token(name)
     hub_api = f"{hub.url}/hub/api/user"
@@ -137,6 +137,9 @@ def test_disabling_an_account_revokes_its_tokens_sessions_and_server(hub, system
     start_server(hub, name, token)
     assert browser_session(client, name).json()["name"] == name
     cookies = httpx.Cookies(client.http.cookies)
+    # Something their code left running on the host, outside the server.
+    leftover = subprocess.Popen(["runuser", "-u", name, "--", "sleep", "600"])
+    request.addfinalizer(leftover.kill)
 
     admin = admin_client(hub)
     page = admin.form("/hub/twarga-accounts", {"action": "disable", "name": name})
@@ -156,10 +159,11 @@ def test_disabling_an_account_revokes_its_tokens_sessions_and_server(hub, system
     ).json()
     assert model["servers"] == {}
     wait_until(
-        lambda: subprocess.run(["pgrep", "-u", name, "-f", "jupyterhub-singleuser"]).returncode,
+        lambda: subprocess.run(["pgrep", "-u", name]).returncode == 1,
         30,
-        f"{name}'s server process ending",
+        f"every process of {name} ending",
     )
+    assert leftover.wait(timeout=10) != 0
 
 
 def test_resetting_a_password_revokes_the_old_tokens(hub, system_users):

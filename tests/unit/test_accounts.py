@@ -180,3 +180,61 @@ def test_a_disabled_account_is_refused_and_can_change_its_password_only_with_the
     accounts.disable("admin", "ivy")
     assert account_refusal(db, "ivy") == "this account is disabled"
     assert account_refusal(db, "nobody-here") is None
+
+
+class _Context:
+    def __init__(self, peer: str, believed: str) -> None:
+        self._orig_remote_ip = peer  # the TCP peer
+        self.remote_ip = believed  # what tornado's xheaders made of the headers
+        self.protocol = "http"
+
+
+class _Connection:
+    def __init__(self, context: _Context) -> None:
+        self.context = context
+
+
+def request_from(peer: str, **headers: str):
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest
+
+    h = HTTPHeaders()
+    for key, value in headers.items():
+        h.add(key.replace("_", "-"), value)
+    believed = headers.get("X_Real_Ip", peer)
+    return HTTPServerRequest("POST", "/hub/login", headers=h, connection=_Connection(
+        _Context(peer, believed)))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "client"),
+    [
+        # A client straight to the Hub: its forwarded headers are its own words.
+        ("192.0.2.7", {"X_Forwarded_For": "10.0.0.1", "X_Real_Ip": "10.0.0.2"}, "192.0.2.7"),
+        # Through the local proxy, which appended the address it saw.
+        ("127.0.0.1", {"X_Forwarded_For": "198.51.100.4"}, "198.51.100.4"),
+        # The client's own X-Forwarded-For and X-Real-Ip are ignored: the proxy's hop counts.
+        (
+            "127.0.0.1",
+            {"X_Forwarded_For": "10.0.0.1, 10.0.0.2, 198.51.100.4", "X_Real_Ip": "10.0.0.3"},
+            "198.51.100.4",
+        ),
+        # IPv4 seen through an IPv6 socket is the same address.
+        ("127.0.0.1", {"X_Forwarded_For": "::ffff:198.51.100.4"}, "198.51.100.4"),
+        # Garbage in the proxy's hop: the proxy's own address, never the garbage.
+        ("127.0.0.1", {"X_Forwarded_For": "not-an-ip"}, "127.0.0.1"),
+        # No header at all: the proxy itself (local).
+        ("127.0.0.1", {}, "127.0.0.1"),
+    ],
+)
+def test_the_client_address_believes_only_the_trusted_proxys_hop(peer, headers, client):
+    from twarga_lab.hub.authenticator import client_address
+
+    assert client_address(request_from(peer, **headers), ["127.0.0.1"]) == client
+
+
+def test_a_chain_of_trusted_proxies_is_walked_from_the_right():
+    from twarga_lab.hub.authenticator import client_address
+
+    request = request_from("127.0.0.1", X_Forwarded_For="10.0.0.9, 203.0.113.5, 10.1.2.3")
+    assert client_address(request, ["127.0.0.1", "10.1.0.0/16"]) == "203.0.113.5"
+    assert client_address(request, ["127.0.0.1"]) == "10.1.2.3"

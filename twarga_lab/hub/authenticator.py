@@ -23,8 +23,11 @@ Every Hub user runs code on the host as a system account of the same name, so:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import os
 import pwd
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -92,9 +95,36 @@ def client_address(request: HTTPServerRequest, trusted_proxies: list[str]) -> st
     return str(address)
 
 
-async def revoke_hub_access(handler: BaseHandler, name: str) -> None:
+def end_processes(uid: int, passes: int = 10) -> int:
+    """SIGKILL every process whose real, effective or saved uid is ``uid`` (a few passes,
+    for processes forked meanwhile); returns how many were killed."""
+    killed = 0
+    for _ in range(passes):
+        found = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue  # gone already
+            uids = next((line.split()[1:4] for line in status.splitlines()
+                         if line.startswith("Uid:")), [])  # fmt: skip
+            if str(uid) in uids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    found += 1
+        killed += found
+        if not found:
+            break
+    return killed
+
+
+async def revoke_hub_access(handler: BaseHandler, name: str, *, end_all: bool = True) -> None:
     """Stop ``name``'s servers, delete every token they have (API, servers', OAuth) and
-    end their browser sessions (a new cookie id makes every login cookie stale)."""
+    end their browser sessions (a new cookie id makes every login cookie stale). With
+    ``end_all``, every other process of their system account goes too (what their code
+    left running), if Twarga created that account."""
     user = handler.find_user(name)
     if user is None:
         return
@@ -110,6 +140,12 @@ async def revoke_hub_access(handler: BaseHandler, name: str) -> None:
     user.orm_user.cookie_id = new_token()
     db.commit()
     handler.log.info("revoked the tokens and sessions of %s", name)
+    authenticator = handler.authenticator
+    if end_all and isinstance(authenticator, TwargaAuthenticator):
+        uid = await asyncio.to_thread(authenticator.twarga_uid, name)
+        if uid is not None:
+            killed = await asyncio.to_thread(end_processes, uid)
+            handler.log.info("ended %d processes of %s (uid %d)", killed, name, uid)
 
 
 class TwargaHandler(BaseHandler):
@@ -226,7 +262,7 @@ class PasswordHandler(TwargaHandler):
             self.set_status(e.status_code)
             await self._render({str(e.details.get("field") or "password"): e.message}, None)
             return
-        await revoke_hub_access(self, user.name)
+        await revoke_hub_access(self, user.name, end_all=False)
         self.set_login_cookie(user)  # this browser, with the new cookie id
         await self._render({}, "Your password is changed. Your tokens and other sessions ended.")
 
@@ -384,6 +420,15 @@ class TwargaAuthenticator(LocalAuthenticator):
             f"the system account {name} was not created by Twarga Lab, so it cannot be "
             "used for this Hub user; ask an admin"
         )
+
+    def twarga_uid(self, name: str) -> int | None:
+        """The uid of ``name``'s system account if Twarga created it, else None."""
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            return None
+        ours = self.accounts.system_uid(name) == entry.pw_uid and entry.pw_uid >= 1000
+        return entry.pw_uid if ours else None
 
     async def add_user(self, user: Any) -> None:
         """Called by the Hub for every user: their system account exists and is Twarga's."""
