@@ -1061,7 +1061,13 @@ class VMService:
             )
             removed.append(name)
         instances = self.config.instances_dir
-        folders = await self._run(lambda: sorted(instances.iterdir()) if instances.is_dir() else [])
+
+        def folders_there() -> list[Path]:
+            if not instances.is_dir():
+                return []
+            return sorted(p for p in instances.iterdir() if p.is_dir())
+
+        folders = await self._run(folders_there)
         for folder in folders:
             if folder.name.startswith(prefix) and folder.name not in live | set(removed):
                 await self._run(shutil.rmtree, folder, True)
