@@ -6,40 +6,32 @@ import {
 import {
   Dialog,
   ICommandPalette,
-  MainAreaWidget,
-  showDialog
+  showDialog,
+  WidgetTracker
 } from '@jupyterlab/apputils';
 import { URLExt } from '@jupyterlab/coreutils';
 import { ILauncher } from '@jupyterlab/launcher';
 import { ServerConnection } from '@jupyterlab/services';
 import { IStatusBar } from '@jupyterlab/statusbar';
-import {
-  LabIcon,
-  terminalIcon,
-  ToolbarButton
-} from '@jupyterlab/ui-components';
-import { Widget } from '@lumino/widgets';
+import { terminalIcon } from '@jupyterlab/ui-components';
+import { ReadonlyJSONObject } from '@lumino/coreutils';
 
-import { TerminadoConsole } from './console';
+import { ConsoleTab } from './consoletab';
 import { API_NAMESPACE } from './handler';
+import { twargaIcon } from './icons';
 import { TwargaModel } from './model';
+// The panel and the credits are shown as soon as their plugins activate.
+// eslint-disable-next-line jupyter/prefer-lazy-imports
 import { TwargaPanel } from './panel';
+// eslint-disable-next-line jupyter/prefer-lazy-imports
 import { CreditsStatus } from './statusbar';
+import { CommandIDs, ITwargaConsoles, ITwargaModel } from './tokens';
 
 export { TerminadoConsole } from './console';
+export { ConsoleTab } from './consoletab';
 export { requestAPI, TwargaAPIError } from './handler';
 export { TwargaModel } from './model';
-
-/** The commands this extension adds. */
-export namespace CommandIDs {
-  export const openPanel = 'twarga:open-panel';
-  /** Args `{id, name}`: the console of one of my VMs. */
-  export const openConsole = 'twarga:open-console';
-  /** Args `{path, label}`: any terminado websocket under the server's ws URL. */
-  export const openTerminado = 'twarga:open-terminado';
-  /** Args `{path, label}`: a notebook under the Jupyter root. */
-  export const openNotebook = 'twarga:open-notebook';
-}
+export { CommandIDs, ITwargaConsoles, ITwargaModel } from './tokens';
 
 const CATEGORY = 'Twarga Lab';
 
@@ -68,68 +60,29 @@ const NOTEBOOKS = [
   }
 ];
 
-const twargaIcon = new LabIcon({
-  name: 'twarga-lab:cloud',
-  svgstr:
-    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24" width="16" height="16">' +
-    '<path class="jp-icon3" fill="#616161" d="M19.35 10.04A7.49 7.49 0 0 0 12 4C9.11 4 ' +
-    '6.6 5.64 5.35 8.04A5.994 5.994 0 0 0 0 14c0 3.31 2.69 6 6 6h13c2.76 0 5-2.24 5-5 ' +
-    '0-2.64-2.05-4.78-4.65-4.96zM8 17H6v-5h2v5zm3.5 0h-2V9h2v8zm3.5 0h-2v-3h2v3z"/></svg>'
-});
-
-const plugin: JupyterFrontEndPlugin<void> = {
-  id: 'twarga-lab:plugin',
-  description:
-    'Twarga Lab: my VMs in a side panel, VM consoles, launcher items and credits.',
+/** The Twarga state of the page: one poll, shared by the panel and the status bar. */
+const modelPlugin: JupyterFrontEndPlugin<TwargaModel> = {
+  id: 'twarga-lab:model',
+  description: 'Polls the Twarga Lab API for me, my VMs and the images.',
   autoStart: true,
-  optional: [ILayoutRestorer, ILauncher, IStatusBar, ICommandPalette],
+  provides: ITwargaModel,
+  activate: (app: JupyterFrontEnd): TwargaModel => new TwargaModel()
+};
+
+/** The "Twarga Lab" side panel and the command that shows it. */
+const panelPlugin: JupyterFrontEndPlugin<void> = {
+  id: 'twarga-lab:panel',
+  description: 'My VMs, credits and quota in the left side panel.',
+  autoStart: true,
+  requires: [ITwargaModel],
+  optional: [ILayoutRestorer, ICommandPalette],
   activate: (
     app: JupyterFrontEnd,
+    model: TwargaModel,
     restorer: ILayoutRestorer | null,
-    launcher: ILauncher | null,
-    statusBar: IStatusBar | null,
     palette: ICommandPalette | null
   ) => {
     const { commands, shell } = app;
-    const model = new TwargaModel();
-    const consoles = new Map<string, MainAreaWidget<TerminadoConsole>>();
-
-    const openConsoleTab = (key: string, url: string, label: string) => {
-      const existing = consoles.get(key);
-      if (existing && !existing.isDisposed) {
-        shell.activateById(existing.id);
-        return existing;
-      }
-      const content = new TerminadoConsole({ url });
-      const widget = new MainAreaWidget({ content });
-      widget.id = `twarga-console-${key.replace(/[^A-Za-z0-9_-]/g, '-')}`;
-      widget.addClass('twarga-console-tab');
-      widget.title.label = label;
-      widget.title.icon = terminalIcon;
-      widget.title.closable = true;
-      const state = document.createElement('span');
-      state.className = 'twarga-console-state';
-      const showState = () => {
-        state.textContent = content.state;
-      };
-      content.stateChanged.connect(showState);
-      showState();
-      widget.toolbar.addItem(
-        'reconnect',
-        new ToolbarButton({
-          label: 'Reconnect',
-          tooltip: 'Open the connection again',
-          onClick: () => content.reconnect()
-        })
-      );
-      widget.toolbar.addItem('state', new Widget({ node: state }));
-      consoles.set(key, widget);
-      widget.disposed.connect(() => consoles.delete(key));
-      shell.add(widget, 'main');
-      shell.activateById(widget.id);
-      return widget;
-    };
-
     const panel = new TwargaPanel({
       model,
       openConsole: vm =>
@@ -148,14 +101,71 @@ const plugin: JupyterFrontEndPlugin<void> = {
       label: 'Open the Twarga Lab Panel',
       caption: 'My VMs, credits and quota',
       icon: twargaIcon,
+      describedBy: { args: { type: 'object', properties: {} } },
       execute: () => shell.activateById(panel.id)
     });
+    if (palette) {
+      palette.addItem({ command: CommandIDs.openPanel, category: CATEGORY });
+    }
+  }
+};
+
+/**
+ * Console tabs: VM serial consoles and terminado consoles, xterm.js over a websocket.
+ *
+ * Both kinds are tracked, and with a layout restorer they come back after a reload:
+ * a VM console by its VM id (`twarga:open-console {id, name}`), a terminado console
+ * by its websocket path (`twarga:open-terminado {path, label}`).
+ */
+const consolesPlugin: JupyterFrontEndPlugin<ITwargaConsoles> = {
+  id: 'twarga-lab:consoles',
+  description: 'VM consoles (and any terminado console) in main-area tabs.',
+  autoStart: true,
+  provides: ITwargaConsoles,
+  optional: [ILayoutRestorer],
+  activate: (
+    app: JupyterFrontEnd,
+    restorer: ILayoutRestorer | null
+  ): ITwargaConsoles => {
+    const { commands, shell } = app;
+    const vms = new WidgetTracker<ConsoleTab>({ namespace: 'twarga-console' });
+    const terminado = new WidgetTracker<ConsoleTab>({
+      namespace: 'twarga-terminado'
+    });
+
+    /** Show the tab for `options.key`, opening it first if it is not open. */
+    const openTab = async (
+      tracker: WidgetTracker<ConsoleTab>,
+      options: ConsoleTab.IOptions
+    ): Promise<ConsoleTab> => {
+      const existing = tracker.find(tab => tab.key === options.key);
+      if (existing) {
+        shell.activateById(existing.id);
+        return existing;
+      }
+      const tab = new ConsoleTab(options);
+      // Tracked before it is shown, so that the restorer knows it by name.
+      await tracker.add(tab);
+      shell.add(tab, 'main');
+      shell.activateById(tab.id);
+      return tab;
+    };
 
     commands.addCommand(CommandIDs.openConsole, {
       label: args =>
         args.name ? `Console: ${args.name}` : 'Open a VM Console',
       caption: "Open a VM's serial console in a tab",
       icon: terminalIcon,
+      describedBy: {
+        args: {
+          type: 'object',
+          properties: {
+            id: { type: 'integer', minimum: 0, description: 'The VM id' },
+            name: { type: 'string', description: "The VM's name (the title)" }
+          },
+          required: ['id']
+        }
+      },
       execute: args => {
         const id = Number(args.id);
         if (!Number.isInteger(id) || id < 0) {
@@ -173,7 +183,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
           String(id),
           'console'
         );
-        return openConsoleTab(`vm-${id}`, url, `Console: ${name}`);
+        return openTab(vms, {
+          key: `vm-${id}`,
+          url,
+          label: `Console: ${name}`,
+          args: { id, name }
+        });
       }
     });
 
@@ -183,54 +198,87 @@ const plugin: JupyterFrontEndPlugin<void> = {
       caption:
         'Open a terminado websocket (e.g. terminals/websocket/1) in a console tab',
       icon: terminalIcon,
+      describedBy: {
+        args: {
+          type: 'object',
+          properties: {
+            path: {
+              type: 'string',
+              description: "A websocket path under the server's base URL"
+            },
+            label: { type: 'string', description: 'The title of the tab' }
+          },
+          required: ['path']
+        }
+      },
       execute: args => {
         const path = String(args.path ?? '');
-        // Only paths on this Jupyter server: the cookie is what authenticates.
-        if (
-          !path ||
-          /^[a-z]+:/i.test(path) ||
-          path.startsWith('//') ||
-          path.includes('..')
-        ) {
+        if (!Private.isServerPath(path)) {
           throw new Error(
             `twarga:open-terminado needs a path on this server, got ${path}`
           );
         }
         const settings = ServerConnection.makeSettings();
         const label = args.label ? String(args.label) : `Console: ${path}`;
-        return openConsoleTab(
-          `path-${path}`,
-          URLExt.join(settings.wsUrl, path),
-          label
-        );
+        return openTab(terminado, {
+          key: `path-${path}`,
+          url: URLExt.join(settings.wsUrl, path),
+          label,
+          args: { path, label }
+        });
       }
     });
 
+    if (restorer) {
+      const restore = {
+        args: (tab: ConsoleTab): ReadonlyJSONObject => tab.args,
+        name: (tab: ConsoleTab) => tab.key
+      };
+      void restorer.restore(vms, {
+        command: CommandIDs.openConsole,
+        ...restore
+      });
+      void restorer.restore(terminado, {
+        command: CommandIDs.openTerminado,
+        ...restore
+      });
+    }
+    return { vms, terminado };
+  }
+};
+
+/** Launcher cards and palette items for the Twarga notebooks. */
+const launcherPlugin: JupyterFrontEndPlugin<void> = {
+  id: 'twarga-lab:launcher',
+  description: 'Launcher cards for the Twarga Lab notebooks.',
+  autoStart: true,
+  optional: [ILauncher, ICommandPalette],
+  activate: (
+    app: JupyterFrontEnd,
+    launcher: ILauncher | null,
+    palette: ICommandPalette | null
+  ) => {
+    const { commands } = app;
     commands.addCommand(CommandIDs.openNotebook, {
       label: args =>
         String(args.label ?? args.path ?? 'Open a Twarga Lab Notebook'),
       caption: args => String(args.caption ?? args.path ?? ''),
       icon: twargaIcon,
-      execute: async args => {
-        const path = String(args.path ?? '');
-        try {
-          await app.serviceManager.contents.get(path, { content: false });
-        } catch (error) {
-          const status = (error as ServerConnection.ResponseError).response
-            ?.status;
-          await showDialog({
-            title: 'Notebook not found',
-            body:
-              status === 404
-                ? `${path} is not in your Jupyter folder. Copy the Twarga Lab notebooks there ` +
-                  '(they ship in the notebooks/ folder of Twarga Lab) and try again.'
-                : `${path} cannot be opened: ${(error as Error).message ?? String(error)}`,
-            buttons: [Dialog.okButton()]
-          });
-          return null;
+      describedBy: {
+        args: {
+          type: 'object',
+          properties: {
+            path: {
+              type: 'string',
+              description: 'The notebook, relative to the Jupyter root'
+            },
+            label: { type: 'string' },
+            caption: { type: 'string' }
+          },
+          required: ['path']
         }
-        return commands.execute('docmanager:open', { path });
-      }
+      },
+      execute: args => Private.openNotebook(app, String(args.path ?? ''))
     });
 
     if (launcher) {
@@ -243,9 +291,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         });
       });
     }
-
     if (palette) {
-      palette.addItem({ command: CommandIDs.openPanel, category: CATEGORY });
       for (const notebook of NOTEBOOKS) {
         palette.addItem({
           command: CommandIDs.openNotebook,
@@ -254,19 +300,73 @@ const plugin: JupyterFrontEndPlugin<void> = {
         });
       }
     }
-
-    if (statusBar) {
-      const item = new CreditsStatus({
-        model,
-        onClick: () => void commands.execute(CommandIDs.openPanel)
-      });
-      statusBar.registerStatusItem('twarga-lab:credits', {
-        item,
-        align: 'left',
-        rank: 100
-      });
-    }
   }
 };
 
-export default plugin;
+/** `Credits: N` in the status bar; a click shows the side panel. */
+const statusBarPlugin: JupyterFrontEndPlugin<void> = {
+  id: 'twarga-lab:status-bar',
+  description: 'My Twarga Lab credits in the status bar.',
+  autoStart: true,
+  requires: [ITwargaModel, IStatusBar],
+  activate: (
+    app: JupyterFrontEnd,
+    model: TwargaModel,
+    statusBar: IStatusBar
+  ) => {
+    const item = new CreditsStatus({
+      model,
+      onClick: () => void app.commands.execute(CommandIDs.openPanel)
+    });
+    statusBar.registerStatusItem('twarga-lab:credits', {
+      item,
+      align: 'left',
+      rank: 100
+    });
+  }
+};
+
+const plugins: JupyterFrontEndPlugin<any>[] = [
+  modelPlugin,
+  panelPlugin,
+  consolesPlugin,
+  launcherPlugin,
+  statusBarPlugin
+];
+
+export default plugins;
+
+namespace Private {
+  /** Whether `path` names a place on this Jupyter server: the cookie is what authenticates. */
+  export function isServerPath(path: string): boolean {
+    return (
+      path.length > 0 &&
+      !/^[a-z]+:/i.test(path) &&
+      !path.startsWith('//') &&
+      !path.includes('..')
+    );
+  }
+
+  /** Open a notebook, or say in a dialog why it cannot be opened. */
+  export async function openNotebook(
+    app: JupyterFrontEnd,
+    path: string
+  ): Promise<unknown> {
+    try {
+      await app.serviceManager.contents.get(path, { content: false });
+    } catch (error) {
+      const status = (error as ServerConnection.ResponseError).response?.status;
+      await showDialog({
+        title: 'Notebook not found',
+        body:
+          status === 404
+            ? `${path} is not in your Jupyter folder. Copy the Twarga Lab notebooks there ` +
+              '(they ship in the notebooks/ folder of Twarga Lab) and try again.'
+            : `${path} cannot be opened: ${(error as Error).message ?? String(error)}`,
+        buttons: [Dialog.okButton()]
+      });
+      return null;
+    }
+    return app.commands.execute('docmanager:open', { path });
+  }
+}
