@@ -126,7 +126,8 @@ export class TwargaModel implements IDisposable {
 
   private _onTick(poll: Poll<ISnapshot, unknown>): void {
     const { phase, payload } = poll.state;
-    if (phase === 'resolved' && payload) {
+    // The first answer after a failure comes as 'reconnected': show it at once.
+    if ((phase === 'resolved' || phase === 'reconnected') && payload) {
       const snapshot = payload as ISnapshot;
       this._me = snapshot.me;
       this._vms = snapshot.vms;
@@ -162,7 +163,10 @@ export namespace TwargaModel {
   export interface IOptions {
     /** Milliseconds between polls while the service answers (default 3000). */
     interval?: number;
-    /** Longest wait between polls while backing off after failures (default 30000). */
+    /**
+     * Longest wait between polls while backing off after failures (default 30000).
+     * Lumino's `Poll` raises anything shorter to 30000.
+     */
     maxInterval?: number;
     /** When to stop polling (default: while the page is hidden). */
     standby?: Poll.Standby | (() => boolean | Poll.Standby);
