@@ -23,7 +23,7 @@ from traitlets import Bool, Float, Int, Unicode
 from twarga_lab.client import ANSI_RE
 
 DISCONNECTED = "[disconnected]"
-# What `virsh console` prints once it is attached: input typed before it would be lost.
+# The console's banner once it is attached: input typed before it would be lost.
 ATTACHED_RE = re.compile(r"Escape character is")
 # Other control characters a serial console sends that a <pre> cannot show.
 _CONTROL_RE = re.compile(r"[\x00-\x07\x0b-\x1f\x7f]")
