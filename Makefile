@@ -24,7 +24,7 @@ CHP         := $(CURDIR)/node_modules/.bin/configurable-http-proxy
 # Debian's interpreter: users' servers run as other accounts and must be able to run it.
 export UV_PYTHON := /usr/bin/python3.11
 
-.PHONY: help system-deps deps services image admin run run-personal test lint bench clean
+.PHONY: help system-deps deps services image admin run run-personal test lint test-labextension bench clean
 
 help:
 	@echo "make run          - install everything and bring up Twarga Lab's JupyterHub on :8000"
@@ -51,8 +51,8 @@ system-deps:
 		apt-get install -y -q --no-install-recommends nodejs npm; }
 	@command -v uv >/dev/null || python3 -m pip install --quiet uv
 
-LAB_SOURCES := labextension/package.json labextension/yarn.lock \
-	$(wildcard labextension/src/*.ts labextension/style/*)
+LAB_SOURCES := labextension/package.json labextension/yarn.lock labextension/.yarnrc.yml \
+	labextension/tsconfig.json $(wildcard labextension/src/*.ts labextension/style/*)
 
 # The build hook compiles the JupyterLab extension (labextension/) into the package.
 $(STAMP): pyproject.toml uv.lock $(LAB_SOURCES) | system-deps
@@ -92,7 +92,13 @@ lint: deps
 	$(BIN)/ruff check twarga_lab tests bench
 	$(BIN)/ruff format --check twarga_lab tests bench
 
-test: deps services image lint
+# The JupyterLab extension's ESLint/Prettier checks and its jest unit tests (its
+# scripts call jlpm, which is in the venv).
+test-labextension: deps
+	cd labextension && export PATH="$(BIN):$$PATH" && jlpm install --immutable && \
+		jlpm lint:check && jlpm test
+
+test: deps services image lint test-labextension
 	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS) tests
 
 bench: deps services image

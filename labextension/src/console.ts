@@ -1,7 +1,10 @@
 import { Message } from '@lumino/messaging';
 import { ISignal, Signal } from '@lumino/signaling';
 import { Widget } from '@lumino/widgets';
+// Console tabs are restored as the page starts: xterm.js is needed then, not later.
+// eslint-disable-next-line jupyter/prefer-lazy-imports
 import { FitAddon } from '@xterm/addon-fit';
+// eslint-disable-next-line jupyter/prefer-lazy-imports
 import { Terminal } from '@xterm/xterm';
 
 /** Where a console connection is. */
