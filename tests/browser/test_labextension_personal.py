@@ -364,6 +364,90 @@ def test_vm_console_button_opens_a_named_tab(page: Any, lab_server: LabServer) -
     shot(page, "console-vm")
 
 
+def wait_for_saved_workspace(server: LabServer, workspace: str, keys: list[str]) -> None:
+    """Poll the saved workspace until the layout restorer has written every key."""
+    deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
+    data: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        reply = server.api("GET", f"lab/api/workspaces/{workspace}")
+        if reply.status_code == 200:
+            data = reply.json().get("data", {})
+            if all(key in data for key in keys):
+                return
+        time.sleep(0.2)  # poll interval while Lab's state database saves, under a deadline
+    pytest.fail(f"workspace {workspace} never saved {keys}: it has {sorted(data)}")
+
+
+def test_console_tabs_come_back_after_a_reload(
+    page: Any, lab_server: LabServer, request: pytest.FixtureRequest
+) -> None:
+    # A workspace of its own: the tabs other tests leave open are not restored here.
+    workspace = "console-reload"
+    page.goto(f"{lab_server.url}lab/workspaces/{workspace}?token={TOKEN}")
+    page.locator(".jp-LabShell").wait_for()
+    page.evaluate("() => window.jupyterapp.restored")
+
+    # A real console: a host terminal, whose shell keeps a variable across the reload.
+    reply = lab_server.api("POST", "api/terminals")
+    assert reply.status_code == 200, reply.text
+    terminal = reply.json()["name"]
+    request.addfinalizer(lambda: lab_server.api("DELETE", f"api/terminals/{terminal}"))
+    path = f"terminals/websocket/{terminal}"
+    page.evaluate(
+        "path => window.jupyterapp.commands.execute('twarga:open-terminado', "
+        "{path, label: 'Console: kept terminal'})",
+        path,
+    )
+    terminal_tab = page.locator(".lm-TabBar-tab", has_text="Console: kept terminal")
+    expect(terminal_tab).to_be_visible()
+    console = page.locator(".twarga-console:visible")
+    expect(console).to_have_attribute("data-state", "connected")
+    console.locator(".xterm").click()
+    page.keyboard.type("KEPT=kept-$((3+4))\n")
+    expect(console.locator(".xterm-rows")).to_contain_text("KEPT=kept-$((3+4))")
+
+    # A VM console, opened from the panel (the test driver's VMs have no serial line,
+    # so this tab settles as disconnected; the tab and its console are what come back).
+    vm = create_vm(lab_server, "rel-1")
+    panel = open_panel(page)
+    row = panel.locator('.twarga-vm[data-vm-name="rel-1"]')
+    expect(row.locator(".twarga-vm-status")).to_have_text("running")
+    row.locator('[data-action="console"]').click()
+    vm_tab = page.locator(".lm-TabBar-tab", has_text="Console: rel-1")
+    expect(vm_tab).to_be_visible()
+    expect(page.locator(".twarga-console:visible")).to_have_attribute(
+        "data-state", re.compile("^(connected|disconnected)$")
+    )
+    wait_for_saved_workspace(
+        lab_server,
+        workspace,
+        [f"twarga-console:vm-{vm['id']}", f"twarga-terminado:path-{path}"],
+    )
+    shot(page, "console-before-reload")
+
+    page.reload()
+    page.locator(".jp-LabShell").wait_for()
+    page.evaluate("() => window.jupyterapp.restored")
+
+    # Both tabs are back, by name, each showing its console.
+    expect(vm_tab).to_have_count(1)
+    expect(terminal_tab).to_have_count(1)
+    vm_tab.click()
+    vm_console = page.locator(".twarga-console-tab:visible .twarga-console")
+    expect(vm_console).to_have_attribute("data-state", re.compile("^(connected|disconnected)$"))
+    expect(vm_console.locator(".xterm")).to_be_visible()
+    shot(page, "console-vm-restored")
+
+    # The terminal tab is connected to the same shell as before the reload.
+    terminal_tab.click()
+    console = page.locator(".twarga-console:visible")
+    expect(console).to_have_attribute("data-state", "connected")
+    console.locator(".xterm").click()
+    page.keyboard.type('echo "got=$KEPT"\n')
+    expect(console.locator(".xterm-rows")).to_contain_text("got=kept-7")
+    shot(page, "console-terminal-restored")
+
+
 def test_launcher_opens_notebooks_and_reports_missing_ones(page: Any) -> None:
     page.evaluate("() => window.jupyterapp.commands.execute('launcher:create')")
     section = page.locator(".jp-Launcher:visible .jp-Launcher-section").filter(
