@@ -56,3 +56,21 @@ async def python_as(user: str, code: str) -> str:
     code_, out = await run_as(user, PYTHON, "-c", code)
     assert code_ == 0, out
     return out
+
+
+def udp_flood(port: int, seconds: float) -> str:
+    """Python code sending forged sshd lines to 127.0.0.1:``port`` as fast as it can for
+    ``seconds``; it prints how many datagrams went out."""
+    return (
+        "import socket, time\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "line = b'<38>Nov 27 08:00:00 x sshd[9]: Failed password for root from "
+        "198.51.100.7 port 1 ssh2'\n"
+        f"end, n = time.monotonic() + {seconds}, 0\n"
+        "while time.monotonic() < end:\n"
+        "    try:\n"
+        f"        s.sendto(line, ('127.0.0.1', {port})); n += 1\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print(n)\n"
+    )

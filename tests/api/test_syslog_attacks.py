@@ -26,7 +26,7 @@ from sqlalchemy import func, insert, select
 
 from tests.api.test_soc import create_vm, events, receiver_port
 from tests.helpers import wait_for
-from tests.throwaway import PYTHON, python_as, run_as, throwaway_user
+from tests.throwaway import PYTHON, python_as, run_as, throwaway_user, udp_flood
 from twarga_lab.db import Event
 from twarga_lab.db.models import AuthFailure, utcnow
 from twarga_lab.event_schemas import load_schema
@@ -135,23 +135,7 @@ async def test_forged_lines_from_another_account_are_no_vms_events_or_bans(api, 
 async def test_a_udp_flood_does_not_delay_a_vm_channel(api, twarga, tenant, tmp_path):
     vm = await create_vm(api, "alice", "quiet")
     channel = await GuestChannel.open(twarga, vm, tmp_path / "channel.sock")
-    flood = asyncio.ensure_future(
-        python_as(
-            tenant,
-            "import socket, time\n"
-            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            f"target = ('127.0.0.1', {receiver_port(twarga)})\n"
-            "line = b'<38>Nov 27 08:00:00 x sshd[9]: Failed password for root from "
-            "198.51.100.7 port 1 ssh2'\n"
-            "end, n = time.monotonic() + 4, 0\n"
-            "while time.monotonic() < end:\n"
-            "    try:\n"
-            "        s.sendto(line, target); n += 1\n"
-            "    except OSError:\n"
-            "        pass\n"
-            "print(n)\n",
-        )
-    )
+    flood = asyncio.ensure_future(python_as(tenant, udp_flood(receiver_port(twarga), 4)))
     ingest = twarga.services.syslog.ingest
 
     async def flooding() -> bool:
