@@ -137,7 +137,5 @@ c.Spawner.pre_spawn_hook = prepare_user_home
 c.Spawner.environment = {
     "TWARGA_MODE": "proxy",
     "TWARGA_URL": SERVICE_PUBLIC_URL,
-    # labconfig/page_config.json there: no "get notified about Jupyter news?" question.
-    "JUPYTER_CONFIG_PATH": str(REPO / "hub_config" / "jupyter"),
     "TWARGA_SERVICE_URL": f"http://127.0.0.1:{SERVICE_PORT}/services/twarga/",
 }

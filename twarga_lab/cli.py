@@ -37,12 +37,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"--ip={args.ip}",
         f"--port={args.port}",
         "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}",
         f"--TwargaLabApp.vms_dir={app.vms_dir}",  # type: ignore[attr-defined]
         f"--TwargaLabApp.images_dir={app.images_dir}",  # type: ignore[attr-defined]
-        f"--TwargaLabApp.db_url={app.db_url}",  # type: ignore[attr-defined]
         f"--TwargaLabApp.libvirt_uri={app.libvirt_uri}",  # type: ignore[attr-defined]
     ]
+    # Secrets go through the environment: every local account can read /proc/*/cmdline.
+    os.environ["JUPYTER_TOKEN"] = token
+    os.environ["TWARGA_DB_URL"] = app.db_url  # type: ignore[attr-defined]
     if os.geteuid() == 0:
         argv.append("--allow-root")
     argv.extend(args.extra)

@@ -79,6 +79,10 @@ def running_server(ssh_port_min: int, *extra_args: str) -> Iterator[LiveServer]:
         "--TwargaLabApp.syslog_address=127.0.0.1:0",
         *extra_args,
     ]
+    # A setting in extra_args replaces the default above (traitlets refuses two values):
+    # a test that restarts a service passes the same vms_dir, db_url and domain_prefix.
+    overridden = {a.split("=", 1)[0] for a in extra_args if a.startswith("--") and "=" in a}
+    argv = [a for a in argv if a in extra_args or a.split("=", 1)[0] not in overridden]
     # Its own runtime folder: kernels it starts find it, not other servers on this machine.
     env = {**os.environ, "PYTHONPATH": str(REPO), "JUPYTER_RUNTIME_DIR": str(work / "runtime")}
     with open(log, "wb") as out:

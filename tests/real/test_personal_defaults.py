@@ -4,7 +4,9 @@ written against the seed's API (Twarga Cloud's create body and metric names)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -71,6 +73,13 @@ def test_defaults_from_the_repo_root_boot_a_vm_with_a_seed_client(default_server
     )
     me = seed.get("me").json()
     assert me["admin"] is True  # the one person of personal mode
+    # JupyterLab here never asks about Jupyter news: the plugin that asks is off.
+    lab_page = httpx.get(url + "lab", headers={"Authorization": f"token {token}"}, timeout=60)
+    assert lab_page.status_code == 200
+    page_config = re.search(r'id="jupyter-config-data"[^>]*>(.*?)</script>', lab_page.text, re.S)
+    assert page_config, lab_page.text[:500]
+    disabled = json.loads(page_config.group(1))["disabledExtensions"]
+    assert "@jupyterlab/apputils-extension:announcements" in disabled
     name = f"newcomer-{secrets.token_hex(3)}"
     # Twarga Cloud's body, as its clients send it.
     created = seed.post(
