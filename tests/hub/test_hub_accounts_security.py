@@ -92,6 +92,14 @@ def test_sign_up_as_an_existing_system_account_is_refused(hub, name):
     assert not [e for e in hub.events(type="auth", user_name=name)]
 
 
+def test_an_admin_cannot_hand_a_system_account_to_a_hub_user_through_the_api(hub):
+    admin = admin_client(hub)
+    headers = {"Authorization": f"token {admin.token('admin')}"}
+    created = httpx.post(f"{hub.url}/hub/api/users/postgres", headers=headers, timeout=30)
+    assert created.status_code == 400, created.text
+    assert httpx.get(f"{hub.url}/hub/api/users/postgres", headers=headers).status_code == 404
+
+
 def test_reserved_names_are_refused_at_sign_up(hub):
     for name in ("root", "admin", "twarga"):
         page = HubClient(hub).sign_up(name, PASSWORD)

@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from twarga_lab.db import Database
+from twarga_lab.db.models import Event
 from twarga_lab.errors import Conflict, ValidationFailed
 from twarga_lab.services.accounts import (
     ACCOUNT_SCOPE,
@@ -93,6 +95,11 @@ def test_sign_ups_are_limited_per_source_before_any_hash(db):
         accounts.sign_up("user9x", PASSWORD, "192.0.2.1")
     assert refused.value.status_code == 429
     assert "too many sign-ups" in refused.value.message
+    with db.session() as session:
+        alarms = session.scalars(select(Event).where(Event.type == "security")).all()
+        assert [(e.source, e.details["action"]) for e in alarms] == [
+            ("192.0.2.1", "signup_refused")
+        ]
     accounts.sign_up("user9x", PASSWORD, "192.0.2.2")  # another address is not affected
     with pytest.raises(Conflict):
         accounts.sign_up("user9x", PASSWORD, "192.0.2.3")
@@ -238,3 +245,25 @@ def test_a_chain_of_trusted_proxies_is_walked_from_the_right():
     request = request_from("127.0.0.1", X_Forwarded_For="10.0.0.9, 203.0.113.5, 10.1.2.3")
     assert client_address(request, ["127.0.0.1", "10.1.0.0/16"]) == "203.0.113.5"
     assert client_address(request, ["127.0.0.1"]) == "10.1.2.3"
+
+
+def test_parallel_sign_ups_cannot_overrun_the_limit(db):
+    accounts = AccountService(db, approval_required=False, signup_limit=3)
+    start = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def attempt(i: int) -> None:
+        start.wait()
+        try:
+            accounts.sign_up(f"para{i}x", PASSWORD, "192.0.2.50")
+            outcomes.append("created")
+        except TooManyRequests:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["created"] * 3 + ["refused"] * 5
+    assert len(accounts.list()) == 3

@@ -203,6 +203,7 @@ class AccountService:
         # The Hub is one process: this lock and (on PostgreSQL) an advisory lock make
         # the ban check and the counting of an attempt one step.
         self._lock = threading.Lock()
+        self._signup_lock = threading.Lock()
 
     # -- sign-up and login ----------------------------------------------------------
 
@@ -237,25 +238,34 @@ class AccountService:
         """
         self.check_name(name)
         self.rules.check(name, password)
-        with self.db.session() as session:
-            if session.get(Account, name) is not None:
-                raise Conflict(f"the user name {name} is taken", "name_taken")
-            self._check_signup_rate(session, source)
-        hashed = hash_password(password)
-        with self.db.session() as session:
-            if session.get(Account, name) is not None:
-                raise Conflict(f"the user name {name} is taken", "name_taken")
-            account = Account(name=name, password_hash=hashed, approved=not self.approval_required)
-            session.add(account)
-            record_event(
-                session, EventType.auth, Severity.info,
-                f"sign-up of {name}" + (" (waiting for approval)" if not account.approved else ""),
-                user_name=name, source=source, action="signup", approved=account.approved,
-            )  # fmt: skip
-            session.flush()
-            return self._to_json(account)
+        # One sign-up at a time: the limit cannot be overrun by parallel requests, two
+        # sign-ups of one name cannot race, and a flood costs one bcrypt at a time.
+        with self._signup_lock:
+            with self.db.session() as session:
+                if session.get(Account, name) is not None:
+                    raise Conflict(f"the user name {name} is taken", "name_taken")
+                over_limit = self._signup_limit_reached(session, source)
+            if over_limit:
+                raise TooManyRequests(
+                    "too many sign-ups from your address; try again later", "signup_rate_limited"
+                )
+            hashed = hash_password(password)
+            with self.db.session() as session:
+                account = Account(
+                    name=name, password_hash=hashed, approved=not self.approval_required
+                )
+                session.add(account)
+                record_event(
+                    session, EventType.auth, Severity.info,
+                    f"sign-up of {name}" + ("" if account.approved else " (waiting for approval)"),
+                    user_name=name, source=source, action="signup", approved=account.approved,
+                )  # fmt: skip
+                session.flush()
+                return self._to_json(account)
 
-    def _check_signup_rate(self, session: Session, source: str) -> None:
+    def _signup_limit_reached(self, session: Session, source: str) -> bool:
+        """Whether ``source`` made ``signup_limit`` sign-ups within the window (then the
+        refusal is recorded as a security event)."""
         since = utcnow() - timedelta(seconds=self.signup_window)
         recent = session.scalar(
             select(func.count(Event.id)).where(
@@ -265,16 +275,14 @@ class AccountService:
                 Event.message.like("sign-up of %"),
             )
         )
-        if int(recent or 0) >= self.signup_limit:
-            record_event(
-                session, EventType.security, Severity.warning,
-                f"sign-up from {source} refused: {recent} sign-ups within "
-                f"{self.signup_window:g} s",
-                source=source, action="signup_refused",
-            )  # fmt: skip
-            raise TooManyRequests(
-                "too many sign-ups from your address; try again later", "signup_rate_limited"
-            )
+        if int(recent or 0) < self.signup_limit:
+            return False
+        record_event(
+            session, EventType.security, Severity.warning,
+            f"sign-up from {source} refused: {recent} sign-ups within {self.signup_window:g} s",
+            source=source, action="signup_refused",
+        )  # fmt: skip
+        return True
 
     def login(self, name: str, password: str, source: str) -> LoginResult:
         """Check a login. The attempt is counted against the account and the source
