@@ -472,10 +472,14 @@ class SocService:
             target=f"host {host}", user=ev.user or "?", method=ev.method or "?",
             source=_valid_ip(ev.source) or "an unknown address",
         )  # fmt: skip
+        why = (
+            "its VM is gone" if obs.channel == "virtio"
+            else "its sender is not in syslog_trusted_sources"
+        )  # fmt: skip
         record_event(
             session, EventType.system, Severity.info,
             f"unattributed syslog over {obs.channel} from {obs.peer or '?'}: {what} - "
-            "not attributed to any VM (its sender is not in syslog_trusted_sources)",
+            f"not attributed to any VM ({why})",
             source=_valid_ip(obs.peer),
             **{k: v for k, v in {
                 "action": "syslog_unattributed", "ssh_action": f"ssh_{ev.kind.value}",
