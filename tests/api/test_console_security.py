@@ -11,6 +11,7 @@ from jupyter_server.auth.authorizer import Authorizer
 from sqlalchemy import select
 from tornado.httpclient import HTTPClientError
 
+from tests.api.test_routes import route_calls
 from tests.helpers import wait_status
 from tests.identity import auth
 from twarga_lab.db.models import Event
@@ -84,13 +85,23 @@ async def test_an_async_refusal_refuses_the_console(api, twarga, jp_ws_fetch):
     assert console_events(twarga) == []
 
 
-@pytest.mark.parametrize("path", ["metrics/host", "metrics/vm/{id}", "metrics/history"])
-async def test_http_handlers_await_an_async_authorizer(api, twarga, path):
+HTTP_CALLS = [(m, p) for m, p in route_calls() if not p.endswith("/console")]
+
+
+@pytest.mark.parametrize(("method", "path"), HTTP_CALLS)
+async def test_http_handlers_await_an_async_authorizer(api, twarga, method, path):
+    """Every HTTP route of the route table refuses (jupyter_server's ``@authorized``
+    awaits the coroutine) with a JSON 403, and the authorizer was asked."""
     vm = await running_vm(api)
-    reply = await api("GET", path.format(id=vm["id"]))
+    body = {} if method in ("POST", "PATCH") else None
+    user = "admin" if path.startswith("admin/") else "alice"  # others are refused anyway
+    reply = await api(method, path.replace("/1", f"/{vm['id']}", 1), body=body, user=user)
     assert reply.status == 403, reply.json
     assert set(reply.json) >= {"message", "reason"}
-    assert ASKED and ASKED[-1][0] == "alice"
+    assert ASKED and ASKED[-1][0] == user
+    assert (await api("GET", f"vms/{vm['id']}", user="admin")).status == 403
+    REFUSING["on"] = False
+    assert (await api("GET", f"vms/{vm['id']}")).json["status"] == "running"
 
 
 @pytest.mark.parametrize("authorizer_class", [AsyncAllowingAuthorizer])
