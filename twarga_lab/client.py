@@ -40,7 +40,13 @@ from urllib.parse import quote, urlparse
 
 import httpx
 
-ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+from twarga_lab.serial_console import (
+    ANSI_RE,
+    ATTACHED_TEXT,
+    PROMPT_RE,
+    framed_command,
+    framed_output,
+)
 
 __all__ = [
     "VM",
@@ -349,27 +355,17 @@ class VM:
 
     def run(self, command: str, timeout: float = 30) -> str:
         """Run one shell command on the VM's serial console and return its output."""
-        if "\n" in command:
-            raise ValueError("run() takes one line; join commands with ';'")
-        tag = secrets.token_hex(4)
-        # The markers are split in the typed line, so only the command's output has them.
-        start, end = f"TW{tag}S", f"TW{tag}E"
-        line = (
-            f"printf '%s\\n' '{start[:3]}''{start[3:]}'; {command}; "
-            f"printf '%s\\n' '{end[:3]}''{end[3:]}'\r"
-        )
+        line, start, end = framed_command(command, secrets.token_hex(4))
         ws = self._connect(timeout)
         deadline = time.monotonic() + timeout
         try:
-            _read_until(ws, "Escape character", deadline)
+            _read_until(ws, ATTACHED_TEXT, deadline)
             _wait_for_prompt(ws, deadline)
             ws.send(json.dumps(["stdin", line]))
             output = _read_until(ws, rf"{end}\r?\n", deadline)
         finally:
             ws.close()
-        text = ANSI_RE.sub("", output).replace("\r", "")
-        body = text.split(f"{start}\n", 1)[-1].split(f"{end}\n", 1)[0]
-        return body.rstrip("\n")
+        return framed_output(output, start, end)
 
     async def run_async(self, command: str, timeout: float = 30) -> str:
         """:meth:`run` without blocking the kernel's event loop."""
@@ -380,9 +376,6 @@ class VM:
         from twarga_lab.widgets.console import ConsoleWidget
 
         return ConsoleWidget(self)
-
-
-PROMPT_RE = re.compile(r"[#$] $")
 
 
 def _wait_for_prompt(ws: Any, deadline: float) -> None:

@@ -20,11 +20,9 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Bool, Float, Int, Unicode
 
-from twarga_lab.client import ANSI_RE
+from twarga_lab.serial_console import ANSI_RE, ATTACHED_RE
 
 DISCONNECTED = "[disconnected]"
-# The console's banner once it is attached: input typed before it would be lost.
-ATTACHED_RE = re.compile(r"Escape character is")
 # Other control characters a serial console sends that a <pre> cannot show.
 _CONTROL_RE = re.compile(r"[\x00-\x07\x0b-\x1f\x7f]")
 
