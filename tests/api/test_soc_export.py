@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import io
 import json
 from pathlib import Path
@@ -114,6 +115,9 @@ async def test_a_full_export_streams_all_rows_without_stalling_the_loop(
             "/usr/bin/python3", "-c", PINGER, f"{base}events?limit=1", "4",
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        # The setup's 200,000 inserted rows left garbage that would make the collector's
+        # next full pass (hundreds of ms in a process this size) land mid-measurement.
+        gc.collect()
         probe = StallProbe()
         await wait_for(_probed(probe), timeout=5)
         try:
