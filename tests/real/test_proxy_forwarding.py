@@ -14,10 +14,12 @@ import time
 
 import httpx
 import pytest
+from jupyter_server.auth.authorizer import AllowAllAuthorizer
 from jupyter_server.auth.identity import User
 from tornado.httpclient import HTTPClientError
 from traitlets.config import Config
 
+from tests.api.test_console_security import ASKED, REFUSING, AsyncRefusingAuthorizer
 from tests.helpers import wait_for
 from tests.identity import FakeHubIdentityProvider, auth
 from tests.real.conftest import running_server
@@ -78,7 +80,12 @@ async def shell_prompt(ws, timeout: float = 120.0) -> None:
 
 
 @pytest.fixture
-def jp_server_config(service, monkeypatch):
+def authorizer_class():
+    return AllowAllAuthorizer
+
+
+@pytest.fixture
+def jp_server_config(service, monkeypatch, authorizer_class):
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", SERVER_TOKEN)
     monkeypatch.setenv("JUPYTERHUB_USER", OWNER)
     return Config(
@@ -86,6 +93,7 @@ def jp_server_config(service, monkeypatch):
             "ServerApp": {
                 "jpserver_extensions": {"twarga_lab": True},
                 "identity_provider_class": HubIdentityWithServices,
+                "authorizer_class": authorizer_class,
             },
             "TwargaLabApp": {"mode": "proxy", "service_url": service.url},
         }
@@ -198,3 +206,26 @@ async def test_the_service_closing_closes_the_browsers_socket(jp_ws_fetch, servi
     await read_until(ws, "Escape character")
     ws.write_message(json.dumps(["stdin", "\x1d"]))  # ^] ends the session at the service
     assert ["disconnect", 1] in await closed(ws, timeout=10)
+
+
+@pytest.mark.parametrize("authorizer_class", [AsyncRefusingAuthorizer])
+async def test_an_async_refusal_stops_the_forwarding(jp_fetch, jp_ws_fetch, service, guest):
+    """The user's server's own authorizer is awaited before anything goes upstream."""
+    earlier = len(console_events(service, guest))
+    before = service_vms(service)
+    ASKED.clear()
+    REFUSING["on"] = True
+    try:
+        reply = await jp_fetch(
+            "twarga", "api", "vms", method="POST", body=json.dumps({"name": "refused"}),
+            headers=auth("alice-token"), raise_error=False,
+        )  # fmt: skip
+        assert reply.code == 403
+        with pytest.raises(HTTPClientError) as refused:
+            await jp_ws_fetch(*console(guest), headers=auth("alice-token"))
+        assert refused.value.code == 403
+    finally:
+        REFUSING["on"] = False
+    assert ("alice", "execute", "twarga") in ASKED
+    assert service_vms(service) == before
+    assert console_events(service, guest)[earlier:] == []

@@ -5,9 +5,9 @@ personal and Hub mode while only the service touches libvirt and the database.
 The server's token speaks for the server's owner, so only the owner's own requests are
 forwarded: anyone else the Hub lets reach this server (an admin visiting it, a holder of
 ``access:servers``, a service) gets 403 JSON and nothing is sent upstream. The console
-websocket is checked completely (token not in the URL, authenticated, the owner, a
-websocket upgrade from an allowed Origin) before the upstream console is connected, and
-the upstream is closed whenever the browser's side ends or is refused."""
+websocket is checked completely (token not in the URL, authenticated, the owner, the
+authorizer, a websocket upgrade from an allowed Origin) before the upstream console is
+connected, and the upstream is closed whenever the browser's side ends or is refused."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
-from jupyter_server.utils import url_path_join
+from jupyter_server.utils import ensure_async, url_path_join
 from tornado import httpclient, web, websocket
 
 from twarga_lab.handlers.base import ScrubbedLogMixin
@@ -64,6 +65,8 @@ def check_owner(handler: JupyterHandler, target: ProxyTarget) -> None:
 
 class TwargaProxyHandler(ScrubbedLogMixin, APIHandler):
     """Forwards one API request to the twarga service as the server's owner."""
+
+    auth_resource = "twarga"
 
     @property
     def target(self) -> ProxyTarget:
@@ -115,18 +118,22 @@ class TwargaProxyHandler(ScrubbedLogMixin, APIHandler):
         self.finish(response.body or b"")
 
     @web.authenticated
+    @authorized
     async def get(self, path: str) -> None:
         await self._forward(path)
 
     @web.authenticated
+    @authorized
     async def post(self, path: str) -> None:
         await self._forward(path)
 
     @web.authenticated
+    @authorized
     async def patch(self, path: str) -> None:
         await self._forward(path)
 
     @web.authenticated
+    @authorized
     async def delete(self, path: str) -> None:
         await self._forward(path)
 
@@ -140,6 +147,7 @@ class TwargaConsoleProxy(
     before the browser's socket is upgraded, so refusals stay plain HTTP errors.
     """
 
+    auth_resource = "twarga"
     upstream: websocket.WebSocketClientConnection | None = None
 
     @property
@@ -159,6 +167,11 @@ class TwargaConsoleProxy(
         if "token" in self.request.query_arguments:
             raise web.HTTPError(400, "send the token in the Authorization header, not the URL")
         check_owner(self, self.target)
+        allowed = await ensure_async(
+            self.authorizer.is_authorized(self, self.current_user, "execute", "twarga")
+        )
+        if not allowed:
+            raise web.HTTPError(403, "not allowed to open consoles")
         refusal = websocket_refusal(self)
         if refusal is not None:
             raise web.HTTPError(refusal[0], refusal[1])
