@@ -300,3 +300,22 @@ def test_missing_kernel_names_the_package(tmp_path: Path) -> None:
     (tmp_path / "boot").mkdir()
     with pytest.raises(ImageBuildError, match="linux-image-cloud-amd64"):
         build_tiny_image(tmp_path / "out", boot_dir=tmp_path / "boot")
+
+
+def test_an_image_of_an_older_recipe_is_rebuilt(tmp_path: Path) -> None:
+    """A machine that built twarga/tiny before /init changed gets the new init on the next
+    ``make image``, without --force."""
+    from twarga_lab.virt.images import TINY_IMAGE, ImageStore
+
+    store = ImageStore(tmp_path / "images")
+    first = store.build_tiny()
+    manifest_path = first.initrd.parent / "tinyimage.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["recipe"] = "an-older-recipe"
+    manifest_path.write_text(json.dumps(manifest))
+    first.initrd.write_bytes(b"an old init")
+    assert load_tiny_image(first.initrd.parent) is None
+    again = store.build_tiny()
+    assert again.initrd.read_bytes()[:2] == b"\x1f\x8b"
+    assert load_tiny_image(again.initrd.parent) is not None
+    assert store.exists(TINY_IMAGE)

@@ -344,11 +344,12 @@ class ImageStore:
 
     def build_tiny(self, *, force: bool = False) -> Image:
         """Build ``twarga/tiny`` from Debian's cloud kernel and busybox (a few seconds)."""
-        from twarga_lab.virt.tinyimage import build_tiny_image
+        from twarga_lab.virt.tinyimage import build_tiny_image, load_tiny_image
 
-        if not force and self.exists(TINY_IMAGE):
-            return self.get(TINY_IMAGE)
         folder = self._dir(TINY_IMAGE)
+        # An image of an older recipe (another /init) is rebuilt, not reused.
+        if not force and self.exists(TINY_IMAGE) and load_tiny_image(folder) is not None:
+            return self.get(TINY_IMAGE)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / METADATA_FILE).unlink(missing_ok=True)
         files = build_tiny_image(folder)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
 import lzma
@@ -357,6 +358,12 @@ def read_kernel_version(kernel: Path) -> str | None:
     return text.split()[0] if text else None
 
 
+def recipe_digest() -> str:
+    """A digest of this module, which is the image's whole recipe (``/init`` included): an
+    image built by another version of it is rebuilt, not booted with an outdated init."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def load_tiny_image(dest_dir: Path) -> TinyImageFiles | None:
     """Return the image previously built into ``dest_dir``, or None if it is absent/partial.
 
@@ -373,6 +380,8 @@ def load_tiny_image(dest_dir: Path) -> TinyImageFiles | None:
         return None
     if manifest.get("name") != IMAGE_NAME or not kernel.is_file() or not initrd.is_file():
         return None
+    if manifest.get("recipe") != recipe_digest():
+        return None  # built by an older recipe
     return TinyImageFiles(kernel=kernel, initrd=initrd, kernel_version=version)
 
 
@@ -437,6 +446,7 @@ def build_tiny_image(
         "initrd": INITRD_FILE,
         "kernel_version": version,
         "with_dropbear": with_dropbear,
+        "recipe": recipe_digest(),
     }
     _write_atomic(
         dest_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644
