@@ -13,7 +13,8 @@ IMAGES_DIR  := $(CURDIR)/vms/images
 APT_PACKAGES := \
 	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3.11 python3-dev \
 	qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64 dropbear-bin \
-	cpio genisoimage openssh-client sshpass procps curl chromium fail2ban postgresql
+	cpio genisoimage openssh-client sshpass procps curl chromium fail2ban postgresql \
+	mmdebstrap e2fsprogs
 PYTEST_ARGS ?=
 
 STATE_DIR   ?= $(CURDIR)/vms/private
@@ -24,7 +25,7 @@ CHP         := $(CURDIR)/node_modules/.bin/configurable-http-proxy
 # Debian's interpreter: users' servers run as other accounts and must be able to run it.
 export UV_PYTHON := /usr/bin/python3.11
 
-.PHONY: help system-deps deps services image admin run run-personal test lint test-labextension bench clean
+.PHONY: help system-deps deps services image image-debian image-debian-background admin run run-personal test lint test-labextension bench clean
 
 help:
 	@echo "make run          - install everything and bring up Twarga Lab's JupyterHub on :8000"
@@ -76,12 +77,22 @@ services: system-deps
 image: deps
 	$(BIN)/twarga-lab image build --images-dir $(IMAGES_DIR)
 
+# debian/12 from Debian's archive with mmdebstrap: minutes the first time, then cached.
+image-debian: deps image
+	$(BIN)/twarga-lab image build debian-12 --images-dir $(IMAGES_DIR)
+
+# For `make run`: the same build in the background, so the Hub does not wait for it.
+image-debian-background: deps image
+	@echo "building debian/12 in the background; log: $(IMAGES_DIR)/debian-12-build.log"
+	@setsid nohup $(BIN)/twarga-lab image build debian-12 --images-dir $(IMAGES_DIR) \
+		>$(IMAGES_DIR)/debian-12-build.log 2>&1 </dev/null &
+
 # The first admin's password is printed once (or taken from $$TWARGA_ADMIN_PASSWORD).
 admin: deps
 	@mkdir -p $(STATE_DIR) && chmod 700 $(STATE_DIR)
 	$(HUB_ENV) $(BIN)/twarga-lab create-admin
 
-run: deps services image admin
+run: deps services image image-debian-background admin
 	@echo "Twarga Lab: http://127.0.0.1:8000 (sign up at /hub/signup, approve at /hub/twarga-accounts)"
 	cd $(STATE_DIR) && $(HUB_ENV) $(BIN)/jupyterhub -f $(CURDIR)/hub_config/jupyterhub_config.py
 
@@ -98,7 +109,7 @@ test-labextension: deps
 	cd labextension && export PATH="$(BIN):$$PATH" && jlpm install --immutable && \
 		jlpm lint:check && jlpm test
 
-test: deps services image lint test-labextension
+test: deps services image image-debian lint test-labextension
 	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS) tests
 
 bench: deps services image

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from twarga_lab.errors import DatabaseOutdated, TwargaError
 
+TINY_TARGET = "twarga-tiny"
+DEBIAN_TARGETS = ("debian-12",)  # twarga_lab.virt.debian.RECIPES, without importing it
+
 
 def _settings(args: argparse.Namespace) -> object:
     """A TwargaLabApp with the command line's overrides, for its resolved defaults."""
@@ -59,15 +62,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    """Build the default image (and probe KVM once)."""
+    """Build the default image (and probe KVM once), or a Debian image (``debian-12``)."""
     from twarga_lab.virt.images import ImageStore
 
     app = _settings(args)
+    if args.target != TINY_TARGET:
+        return _build_debian(args, Path(app.images_dir))  # type: ignore[attr-defined]
     store = ImageStore(Path(app.images_dir))  # type: ignore[attr-defined]
     image = store.build_tiny(force=args.force)
     print(f"image {image.name}: kernel {image.kernel_version}, {image.initrd}")
     if args.probe:
         print(f"domain type: {app.resolved_domain_type()}")  # type: ignore[attr-defined]
+    return 0
+
+
+def _build_debian(args: argparse.Namespace, images_dir: Path) -> int:
+    """``image build debian-12``: mmdebstrap from this machine's apt sources, cached."""
+    from twarga_lab.virt.debian import RECIPES, DebianImageBuilder, Progress
+
+    recipe = RECIPES[args.target]
+    sources = [Path(p) for p in args.apt_sources] if args.apt_sources else None
+    builder = DebianImageBuilder(
+        images_dir, recipe, apt_sources=sources, progress=Progress(recipe.key, quiet=args.quiet)
+    )
+    result = builder.build(force=args.force)
+    if result.built:
+        print(
+            f"image {result.image}: built in {result.seconds:.0f} s, "
+            f"{result.size_bytes / 2**20:.0f} MiB in {result.folder}"
+        )
+    else:
+        print(f"{result.image} is up to date (recipe {recipe.digest()[:12]}) in {result.folder}")
     return 0
 
 
@@ -151,9 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     image = sub.add_parser("image", help="manage bootable images")
     image_sub = image.add_subparsers(dest="image_command", required=True)
-    build = image_sub.add_parser("build", parents=[common], help="build twarga/tiny")
+    build = image_sub.add_parser(
+        "build", parents=[common], help="build twarga/tiny, or debian-12 from Debian's archive"
+    )
+    build.add_argument(
+        "target", nargs="?", default=TINY_TARGET, choices=[TINY_TARGET, *DEBIAN_TARGETS],
+        help=f"what to build (default {TINY_TARGET})",
+    )  # fmt: skip
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.add_argument("--no-probe", dest="probe", action="store_false", help="skip the KVM probe")
+    build.add_argument(
+        "--apt-sources", action="append", metavar="FILE",
+        help="apt sources file for a Debian image (repeatable; default: this machine's "
+        "/etc/apt/sources.list.d/debian.sources and /etc/apt/sources.list)",
+    )  # fmt: skip
+    build.add_argument("--quiet", action="store_true", help="no progress on stderr")
     build.set_defaults(fn=cmd_image_build)
     add = image_sub.add_parser("add", parents=[common], help="register a qcow2 cloud image")
     add.add_argument("name", help="image name, e.g. debian/12")
