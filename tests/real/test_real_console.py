@@ -205,3 +205,32 @@ async def test_stopping_the_vm_closes_the_session(jp_ws_fetch, api, booted_vm, t
     await api("POST", f"vms/{booted_vm['id']}/action", body={"action": "force-stop"})
     assert ["disconnect", 1] in await closed(ws, timeout=15)
     await wait_for(closed_for("the VM stopped", twarga, booted_vm), timeout=5)
+
+
+async def test_flow_control_loses_no_output(jp_ws_fetch, booted_vm, monkeypatch):
+    """With tiny buffers reading the guest pauses and resumes all the time; the output
+    still arrives whole and in order, and the console keeps answering."""
+    from twarga_lab.handlers.console import ConsoleSession
+    from twarga_lab.virt.console_stream import ConsoleStream
+
+    monkeypatch.setattr(ConsoleSession, "high_water", 64)
+    monkeypatch.setattr(ConsoleSession, "low_water", 16)
+    pauses = []
+    original = ConsoleStream.set_reading
+
+    def counting(self, reading):
+        pauses.append(reading)
+        original(self, reading)
+
+    monkeypatch.setattr(ConsoleStream, "set_reading", counting)
+    ws = await jp_ws_fetch(*console_url(booted_vm), headers=auth("alice-token"))
+    await read_until(ws, "Escape character")
+    ws.write_message(json.dumps(["stdin", "seq 1 3000; echo seq-$((1+1))-done\r"]))
+    seen = await read_until(ws, r"(^|\n)seq-2-done\r?\n", timeout=120)
+    lines = [line.strip() for line in seen.replace("\r", "").split("\n")]
+    numbers = [int(line) for line in lines if line.isdigit()]
+    assert numbers == list(range(1, 3001))
+    assert False in pauses and True in pauses
+    ws.write_message(json.dumps(["stdin", "echo $((6*7))\r"]))
+    await read_until(ws, r"(^|\n)42\r?\n")
+    ws.close()

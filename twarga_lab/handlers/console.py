@@ -65,7 +65,14 @@ def websocket_refusal(handler: websocket.WebSocketHandler) -> tuple[int, str] | 
 
 
 class ConsoleSession:
-    """One socket attached to one VM's console stream; lives on the server's event loop."""
+    """One socket attached to one VM's console stream; lives on the server's event loop.
+
+    Output the browser has not taken yet is bounded: above ``high_water`` characters
+    written but not flushed, reading the guest pauses until they fall below ``low_water``.
+    """
+
+    high_water = 256 * 1024
+    low_water = 64 * 1024
 
     def __init__(self, target: ConsoleTarget, socket: VMConsoleSocket) -> None:
         self.target = target
@@ -73,6 +80,8 @@ class ConsoleSession:
         self.stream: Any = None
         self.last_input = time.monotonic()
         self.ended = False
+        self.unflushed = 0
+        self.paused = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held: list[bytes] | None = []  # output before the socket is ready for it
 
@@ -93,8 +102,25 @@ class ConsoleSession:
             self._held.append(data)
             return
         text = self._decoder.decode(data)
-        if text:
-            self.socket.send_json(["stdout", text])
+        if not text:
+            return
+        flushed = self.socket.send_json(["stdout", text])
+        if flushed is None:
+            return
+        size = len(text)
+        self.unflushed += size
+        flushed.add_done_callback(lambda future: self._flushed(future, size))
+        if self.unflushed > self.high_water and not self.paused:
+            self.paused = True
+            self.stream.set_reading(False)
+
+    def _flushed(self, future: asyncio.Future[None], size: int) -> None:
+        if not future.cancelled():
+            future.exception()  # a socket closed meanwhile: nothing to report
+        self.unflushed -= size
+        if self.paused and self.unflushed < self.low_water and not self.ended:
+            self.paused = False
+            self.stream.set_reading(True)
 
     def write(self, text: str) -> None:
         if self.stream is not None and not self.ended:
@@ -274,9 +300,12 @@ class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocke
         )  # fmt: skip
         self.session.ready()
 
-    def send_json(self, message: list[Any]) -> None:
-        with contextlib.suppress(websocket.WebSocketClosedError):
-            self.write_message(json.dumps(message))
+    def send_json(self, message: list[Any]) -> asyncio.Future[None] | None:
+        """Send one message; the future resolves once it is flushed (None: closed)."""
+        try:
+            return self.write_message(json.dumps(message))
+        except websocket.WebSocketClosedError:
+            return None
 
     def end(self, reason: str, *, show: bool = False) -> None:
         """The session is over: tell the browser (terminado's way) and close."""

@@ -25,7 +25,6 @@ _READ_EVENTS = (
     | libvirt.VIR_STREAM_EVENT_ERROR
     | libvirt.VIR_STREAM_EVENT_HANGUP
 )
-_READ_WRITE_EVENTS = _READ_EVENTS | libvirt.VIR_STREAM_EVENT_WRITABLE
 _CHUNK = 64 * 1024
 
 OutputCallback = Callable[[bytes], None]
@@ -50,6 +49,7 @@ class ConsoleStream:
         self._on_closed = on_closed
         self._lock = threading.Lock()
         self._pending = b""
+        self._reading = True
         self._closed = False
 
     @classmethod
@@ -88,9 +88,27 @@ class ConsoleStream:
             if self._closed:
                 return
             self._pending += data
-            # Under the lock, so a send that just emptied the queue cannot undo it.
-            with contextlib.suppress(libvirt.libvirtError):
-                self._stream.eventUpdateCallback(_READ_WRITE_EVENTS)
+            self._update_events()
+
+    def set_reading(self, reading: bool) -> None:
+        """Pause (False) or resume reading the guest's output: while the reader cannot
+        keep up, the guest's serial line waits instead of the output piling up here."""
+        with self._lock:
+            if self._closed or self._reading == reading:
+                return
+            self._reading = reading
+            self._update_events()
+
+    def _update_events(self) -> None:
+        # Called with the lock held, so a send that just emptied the queue cannot undo a
+        # write that filled it (libvirt runs no stream callback while we wait here).
+        events = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
+        if self._reading:
+            events |= libvirt.VIR_STREAM_EVENT_READABLE
+        if self._pending:
+            events |= libvirt.VIR_STREAM_EVENT_WRITABLE
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.eventUpdateCallback(events)
 
     def close(self) -> None:
         """Detach (idempotent); ``on_closed`` is not called."""
@@ -135,7 +153,7 @@ class ConsoleStream:
 
     def _read(self) -> bool:
         """Pass on what the guest printed; False once the console ended."""
-        while True:
+        while self._reading:
             try:
                 data = self._stream.recv(_CHUNK)
             except libvirt.libvirtError as e:
@@ -150,6 +168,7 @@ class ConsoleStream:
                 self._on_output(bytes(data))
             except Exception:
                 log.exception("console output callback failed")
+        return True
 
     def _send(self) -> None:
         with self._lock:
@@ -166,5 +185,4 @@ class ConsoleStream:
         with self._lock:
             self._pending = self._pending[sent:]
             if not self._pending and not self._closed:
-                with contextlib.suppress(libvirt.libvirtError):
-                    self._stream.eventUpdateCallback(_READ_EVENTS)
+                self._update_events()
