@@ -109,14 +109,12 @@ class ConsoleSession:
             return
         size = len(text)
         self.unflushed += size
-        flushed.add_done_callback(lambda future: self._flushed(future, size))
+        flushed.add_done_callback(lambda _: self._flushed(size))
         if self.unflushed > self.high_water and not self.paused:
             self.paused = True
             self.stream.set_reading(False)
 
-    def _flushed(self, future: asyncio.Future[None], size: int) -> None:
-        if not future.cancelled():
-            future.exception()  # a socket closed meanwhile: nothing to report
+    def _flushed(self, size: int) -> None:
         self.unflushed -= size
         if self.paused and self.unflushed < self.low_water and not self.ended:
             self.paused = False
@@ -303,9 +301,12 @@ class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocke
     def send_json(self, message: list[Any]) -> asyncio.Future[None] | None:
         """Send one message; the future resolves once it is flushed (None: closed)."""
         try:
-            return self.write_message(json.dumps(message))
+            future = self.write_message(json.dumps(message))
         except websocket.WebSocketClosedError:
             return None
+        # A socket that closes before the flush fails the future: that is no news.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
 
     def end(self, reason: str, *, show: bool = False) -> None:
         """The session is over: tell the browser (terminado's way) and close."""
