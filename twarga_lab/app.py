@@ -503,6 +503,7 @@ class TwargaLabApp(ExtensionApp):
                 per_gb_ram_hour=self.credits_per_gb_ram_hour,
             ),
         )
+        vms.billing = credits  # a VM that stops pays for its seconds since the last tick
         meter = CreditMeter(credits, vms, self.metering_interval)
         services = Services(db, backend, images, users, vms, credits, meter, self.personal_user)
         services.metrics = MetricsService(db, backend, self.metrics_config())
@@ -533,7 +534,6 @@ class TwargaLabApp(ExtensionApp):
         services.consoles = ConsoleService(db, vms, self.libvirt_uri)
         return services
 
-        vms.billing = credits  # a VM that stops pays for its seconds since the last tick
     def metrics_config(self) -> MetricsConfig:
         """The metrics service's settings from the traits."""
         return MetricsConfig(
