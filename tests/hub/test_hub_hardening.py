@@ -130,7 +130,7 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             print(pid, f.read().replace(b"\\0", b" ").decode(errors="replace"))
     except OSError:
-        pass
+        pass  # the process ended, or its cmdline is not ours to read
 """
 # Read /proc/<pid>/environ of the pids on stdin: "pid denied" or "pid <content>".
 READ_ENVIRON = """

@@ -439,12 +439,9 @@ class TwargaAuthenticator(LocalAuthenticator):
         problem = self.foreign_system_account(name)
         if problem:
             raise ValueError(problem)
-        try:
+        with contextlib.suppress(KeyError):
             pwd.getpwnam(name)
-        except KeyError:
-            pass
-        else:
-            return
+            return  # the account exists, and the check above found it is one of ours
         if not self.create_system_users:
             raise KeyError(f"user {name} does not exist on the system")
         self.add_system_user(_Named(name))
