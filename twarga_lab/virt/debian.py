@@ -60,9 +60,10 @@ HOST_APT_SOURCES = (
     Path("/etc/apt/sources.list"),
 )
 #: Serial console lines of a booted guest (regexes, multiline): the getty's prompt, and the
-#: message cloud-init prints when it has applied the seed (keys, user, hostname).
+#: message cloud-init prints when it has applied the seed (keys, user, password, hostname),
+#: after a kernel-style timestamp and "cloud-init[PID]: ".
 LOGIN_BANNER = r"^Debian GNU/Linux 12 \S+ ttyS0$"
-READY_BANNER = r"^Cloud-init v\. \S+ finished at "
+READY_BANNER = r"Cloud-init v\. \S+ finished at "
 
 _NETWORK_INTERFACES = """\
 # Written by Twarga Lab: the VM's only NIC is QEMU's user-mode network; DHCP on it, nothing else.
