@@ -202,3 +202,27 @@ def test_debian_12_boots_under_tcg_to_the_login_prompt(debian_image, guest_folde
         artifacts.mkdir(parents=True, exist_ok=True)
         if console.exists():
             shutil.copy(console, artifacts / "console.log")
+
+
+def test_an_unreachable_archive_fails_in_one_line_naming_the_source(tmp_path):
+    """The real mmdebstrap against an apt source nobody listens on (loopback port 9)."""
+    sources = tmp_path / "debian.sources"
+    sources.write_text(
+        "Types: deb\nURIs: http://127.0.0.1:9/debian\nSuites: bookworm\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    )
+    images = tmp_path / "images"
+    done = twarga_lab(
+        "image", "build", "debian-12", "--images-dir", str(images),
+        "--apt-sources", str(sources), "--quiet", timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        "twarga-lab: cannot reach Debian's archive at http://127.0.0.1:9/debian "
+        f"(apt sources: {sources})"
+    )
+    assert "Could not connect to 127.0.0.1:9" in done.stderr
+    # Nothing that looks like an image was left behind.
+    assert ImageStore(images).list() == []
+    assert list((images / "debian").iterdir()) == []
