@@ -261,6 +261,9 @@ class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocke
     async def get(self, vm_id: str) -> None:  # type: ignore[override]
         if "token" in self.request.query_arguments:
             raise web.HTTPError(400, "send the token in the Authorization header, not the URL")
+        # Anonymous callers learn nothing, not even that this is a websocket.
+        if not self.current_user:
+            raise web.HTTPError(401, "authentication required")
         refusal = websocket_refusal(self)
         if refusal is not None:
             raise web.HTTPError(refusal[0], refusal[1])
