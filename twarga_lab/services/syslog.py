@@ -574,9 +574,7 @@ class GuestChannels:
         """Follow libvirt's lifecycle events; attach to every VM running now."""
         self._loop = asyncio.get_running_loop()
         self.backend.add_lifecycle_listener(self._on_lifecycle_thread)
-        add_reconnect = getattr(self.backend, "add_reconnect_listener", None)
-        if add_reconnect is not None:
-            add_reconnect(self._on_reconnect_thread)
+        self.backend.add_reconnect_listener(self._on_reconnect_thread)
         await self.attach_running()
 
     async def attach_running(self) -> None:
@@ -631,11 +629,8 @@ class GuestChannels:
             )
         if vm_id is None or self.backend.state(domain) is not DomainState.running:
             return None
-        domain_xml = getattr(self.backend, "domain_xml", None)
-        if domain_xml is None:
-            return None
         try:
-            path = channel_socket_path(domain_xml(domain), SYSLOG_CHANNEL)
+            path = channel_socket_path(self.backend.domain_xml(domain), SYSLOG_CHANNEL)
         except TwargaError:
             return None
         return (vm_id, path) if path else None

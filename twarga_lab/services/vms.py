@@ -260,9 +260,7 @@ class VMService:
         """Listen to libvirt lifecycle events, then reconcile the database with libvirt."""
         self._loop = asyncio.get_running_loop()
         self.backend.add_lifecycle_listener(self._on_lifecycle_thread)
-        add_reconnect = getattr(self.backend, "add_reconnect_listener", None)
-        if add_reconnect is not None:
-            add_reconnect(self._on_reconnect_thread)
+        self.backend.add_reconnect_listener(self._on_reconnect_thread)
         await self.reconcile(reason="service start")
         await self.remove_orphans()
 
@@ -1083,11 +1081,8 @@ class VMService:
         pattern = re.escape(self.config.domain_prefix) + r"[0-9]+-[a-z][a-z0-9-]{0,62}"
         if re.fullmatch(pattern, domain):
             return True
-        read_xml = getattr(self.backend, "domain_xml", None)
-        if read_xml is None:
-            return False
         try:
-            return bool(read_twarga_metadata(read_xml(domain)))
+            return bool(read_twarga_metadata(self.backend.domain_xml(domain)))
         except (TwargaError, ValueError):
             return False
 

@@ -6,6 +6,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from twarga_lab.virt.domain import DomainSpec
 
@@ -32,6 +33,21 @@ class LifecycleEvent:
 
 
 LifecycleListener = Callable[[LifecycleEvent], None]
+ReconnectListener = Callable[[], None]
+T = TypeVar("T")
+
+
+class ConsoleChannel(Protocol):
+    """An attached serial console (``virt.console_stream.ConsoleStream`` for libvirt)."""
+
+    def write(self, data: bytes) -> None:
+        """Send keystrokes to the guest."""
+
+    def set_reading(self, reading: bool) -> None:
+        """Pause (False) or resume (True) reading the guest's output."""
+
+    def close(self) -> None:
+        """Detach from the console (a round trip to the hypervisor: not on the event loop)."""
 
 
 class HypervisorBackend(ABC):
@@ -79,6 +95,34 @@ class HypervisorBackend(ABC):
     @abstractmethod
     def add_lifecycle_listener(self, listener: LifecycleListener) -> None:
         """Call ``listener`` (from the backend's own thread) on every domain state change."""
+
+    @abstractmethod
+    def add_reconnect_listener(self, listener: ReconnectListener) -> None:
+        """Call ``listener`` (from the backend's own thread) after the connection to the
+        hypervisor came back, e.g. after a libvirtd restart: events may have been missed."""
+
+    @abstractmethod
+    def domain_xml(self, name: str) -> str:
+        """The live XML description of a domain; ``NotFound`` if it does not exist."""
+
+    @abstractmethod
+    def open_console(
+        self,
+        name: str,
+        on_output: Callable[[bytes], None],
+        on_closed: Callable[[str], None],
+    ) -> ConsoleChannel:
+        """Attach to a domain's serial console, taking it over from any other session.
+
+        ``on_output(data)`` and ``on_closed(reason)`` are called from the backend's own
+        thread; ``NotFound`` if the domain does not exist.
+        """
+
+    @abstractmethod
+    def call(self, fn: Callable[[Any], T], action: str) -> T:
+        """Run ``fn(connection)`` with the hypervisor's raw connection (``libvirt.virConnect``
+        for libvirt), translating its errors; ``action`` names it in error messages
+        ("could not <action>"). For bulk readers such as ``virt.stats.DomainStatsReader``."""
 
     @abstractmethod
     def close(self) -> None:

@@ -17,10 +17,12 @@ import libvirt
 
 from twarga_lab.errors import BackendError, BackendUnavailable, NotFound, TwargaError
 from twarga_lab.virt.backend import (
+    ConsoleChannel,
     DomainState,
     HypervisorBackend,
     LifecycleEvent,
     LifecycleListener,
+    ReconnectListener,
 )
 from twarga_lab.virt.domain import DomainSpec, build_domain_xml
 
@@ -219,7 +221,7 @@ class LibvirtBackend(HypervisorBackend):
                     log.exception("reconnect listener failed")
             return
 
-    def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
+    def add_reconnect_listener(self, listener: ReconnectListener) -> None:
         """Call ``listener`` after the connection came back from a libvirtd restart."""
         self._reconnect_listeners.append(listener)
 
@@ -386,7 +388,12 @@ class LibvirtBackend(HypervisorBackend):
         with self._calling("read the XML of", name):
             return dom.XMLDesc()
 
-    def open_console(self, name: str, on_output: Any, on_closed: Any) -> Any:
+    def open_console(
+        self,
+        name: str,
+        on_output: Callable[[bytes], None],
+        on_closed: Callable[[str], None],
+    ) -> ConsoleChannel:
         """Attach to a domain's serial console over a libvirt stream, taking it over from
         any other session (``virt.console_stream.ConsoleStream``; callbacks run in
         libvirt's event thread)."""

@@ -72,8 +72,9 @@ class MetricsService:
         self.config = config
         self.store = store or MetricStore(db, config.retention)
         self.host_reader = HostReader(config.disk_path)
-        call = getattr(backend, "call", None)
-        self.reader = DomainStatsReader(call, config.domain_prefix) if call else None
+        self.reader = (
+            DomainStatsReader(backend.call, config.domain_prefix) if backend is not None else None
+        )
         self.thresholds = ThresholdWatch(config.thresholds)
         self.probe = LoopLagProbe()
         self._lock = threading.RLock()
