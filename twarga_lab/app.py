@@ -19,11 +19,10 @@ from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, default, obse
 from twarga_lab.db import Database
 from twarga_lab.errors import ValidationFailed
 from twarga_lab.handlers import ROUTES
-from twarga_lab.handlers.console import VMConsoleManager
 from twarga_lab.handlers.proxy import PROXY_ROUTES, ProxyTarget
 from twarga_lab.services import Identity
 from twarga_lab.services.bans import BanPolicy
-from twarga_lab.services.consoles import ConsoleService
+from twarga_lab.services.consoles import ConsoleService, VMConsoleManager
 from twarga_lab.services.credits import CreditMeter, CreditRates, CreditService
 from twarga_lab.services.hubusers import HubUserDirectory
 from twarga_lab.services.metric_store import Retention
@@ -85,12 +84,12 @@ class Services:
     credits: CreditService
     meter: CreditMeter
     personal_user: str
+    metrics: MetricsService
+    soc: SocService
+    syslog: SyslogService
+    consoles: ConsoleService
 
-    hub_users: HubUserDirectory | None = None
-    metrics: MetricsService | None = None
-    soc: SocService | None = None
-    syslog: SyslogService | None = None
-    consoles: ConsoleService | None = None
+    hub_users: HubUserDirectory | None = None  # service mode under a Hub only
 
     async def identify(self, user: Any) -> Identity:
         """The Twarga identity of a Jupyter ``current_user``.
@@ -342,7 +341,7 @@ class TwargaLabApp(ExtensionApp):
 
     @observe("syslog_trusted_sources")
     def _syslog_trusted_sources_changed(self, change: Any) -> None:
-        if self.services is not None and self.services.syslog is not None:
+        if self.services is not None:
             self.services.syslog.set_trusted_sources(change["new"])
 
     syslog_source_queue_size = Int(
@@ -505,9 +504,8 @@ class TwargaLabApp(ExtensionApp):
         )
         vms.billing = credits  # a VM that stops pays for its seconds since the last tick
         meter = CreditMeter(credits, vms, self.metering_interval)
-        services = Services(db, backend, images, users, vms, credits, meter, self.personal_user)
-        services.metrics = MetricsService(db, backend, self.metrics_config())
-        services.soc = SocService(
+        metrics = MetricsService(db, backend, self.metrics_config())
+        soc = SocService(
             db,
             BanPolicy(
                 maxretry=self.bruteforce_maxretry,
@@ -515,8 +513,8 @@ class TwargaLabApp(ExtensionApp):
                 bantime=self.bruteforce_bantime,
             ),
         )
-        services.syslog = SyslogService(
-            services.soc,
+        syslog = SyslogService(
+            soc,
             db,
             backend,
             address=self.syslog_address,
@@ -530,9 +528,21 @@ class TwargaLabApp(ExtensionApp):
                 prune_interval=self.soc_prune_interval,
             ),
         )
-        services.metrics.registry.register(SyslogCollector(services.syslog))
-        services.consoles = ConsoleService(db, vms, self.libvirt_uri)
-        return services
+        metrics.registry.register(SyslogCollector(syslog))
+        return Services(
+            db,
+            backend,
+            images,
+            users,
+            vms,
+            credits,
+            meter,
+            self.personal_user,
+            metrics=metrics,
+            soc=soc,
+            syslog=syslog,
+            consoles=ConsoleService(db, vms, self.libvirt_uri),
+        )
 
     def metrics_config(self) -> MetricsConfig:
         """The metrics service's settings from the traits."""
@@ -595,22 +605,18 @@ class TwargaLabApp(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         if self.services is not None:
             await self.services.vms.start_up()
-            if self.services.syslog is not None:
-                await self.services.syslog.start()
+            await self.services.syslog.start()
             self.services.meter.start()
             self.settings["twarga_lab_consoles"].start_culler()
-            if self.services.metrics is not None:
-                self.services.metrics.start()
+            self.services.metrics.start()
 
     async def stop_extension(self) -> None:
         if self.services is None:
             return
         await self.services.meter.stop()
         await self.settings["twarga_lab_consoles"].shutdown()
-        if self.services.metrics is not None:
-            await self.services.metrics.stop()
-        if self.services.syslog is not None:
-            await self.services.syslog.stop()
+        await self.services.metrics.stop()
+        await self.services.syslog.stop()
         await self.services.vms.shut_down()
         if self.services.hub_users is not None:
             await self.services.hub_users.close()

@@ -210,7 +210,7 @@ async def test_stopping_the_vm_closes_the_session(jp_ws_fetch, api, booted_vm, t
 async def test_flow_control_loses_no_output(jp_ws_fetch, booted_vm, monkeypatch):
     """With tiny buffers reading the guest pauses and resumes all the time; the output
     still arrives whole and in order, and the console keeps answering."""
-    from twarga_lab.handlers.console import ConsoleSession
+    from twarga_lab.services.consoles import ConsoleSession
     from twarga_lab.virt.console_stream import ConsoleStream
 
     monkeypatch.setattr(ConsoleSession, "high_water", 64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
@@ -17,6 +17,9 @@ from twarga_lab.errors import (
     Unauthorized,
 )
 from twarga_lab.services import Identity
+
+if TYPE_CHECKING:  # app imports the handlers: a runtime import would be a circle
+    from twarga_lab.app import Services
 
 # JSON types by name, for exact 400 messages ("'ram' must be an integer").
 _TYPE_NAMES: dict[type, str] = {
@@ -92,8 +95,8 @@ class TwargaAPIHandler(ScrubbedLogMixin, ExtensionHandlerMixin, APIHandler):
             )
 
     @property
-    def services(self) -> Any:
-        """The services the extension built (``twarga_lab.app.Services``)."""
+    def services(self) -> Services:
+        """The services the extension built."""
         return self.settings["twarga_lab_services"]
 
     _identity: Identity | None = None

@@ -16,13 +16,8 @@ VM) and is the ``console_open`` event written. Sessions close after
 from __future__ import annotations
 
 import asyncio
-import codecs
-import contextlib
 import json
-import logging
-import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
@@ -32,12 +27,17 @@ from tornado import web, websocket
 from twarga_lab.errors import TwargaError
 from twarga_lab.handlers.base import ScrubbedLogMixin
 from twarga_lab.services import Identity
-from twarga_lab.services.consoles import ConsoleTarget
+from twarga_lab.services.consoles import (
+    ConsoleGone,
+    ConsoleSession,
+    ConsoleTarget,
+    VMConsoleManager,
+)
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from twarga_lab.app import Services
 
 ESCAPE = "\x1d"  # ^], as in virsh console: leaves the session
-Attach = Callable[[ConsoleTarget, Callable[[bytes], None], Callable[[str], None]], Any]
 
 
 def websocket_refusal(handler: websocket.WebSocketHandler) -> tuple[int, str] | None:
@@ -64,167 +64,6 @@ def websocket_refusal(handler: websocket.WebSocketHandler) -> tuple[int, str] | 
     return None
 
 
-class ConsoleSession:
-    """One socket attached to one VM's console stream; lives on the server's event loop.
-
-    Output the browser has not taken yet is bounded: above ``high_water`` characters
-    written but not flushed, reading the guest pauses until they fall below ``low_water``.
-    """
-
-    high_water = 256 * 1024
-    low_water = 64 * 1024
-
-    def __init__(self, target: ConsoleTarget, socket: VMConsoleSocket) -> None:
-        self.target = target
-        self.socket = socket
-        self.stream: Any = None
-        self.last_input = time.monotonic()
-        self.ended = False
-        self.unflushed = 0
-        self.paused = False
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._held: list[bytes] | None = []  # output before the socket is ready for it
-
-    @property
-    def name(self) -> str:
-        return self.target.session_name
-
-    def ready(self) -> None:
-        """The socket has shown the banner: pass on what the guest printed meanwhile."""
-        held, self._held = self._held or [], None
-        for data in held:
-            self.deliver(data)
-
-    def deliver(self, data: bytes) -> None:
-        if self.ended:
-            return
-        if self._held is not None:
-            self._held.append(data)
-            return
-        text = self._decoder.decode(data)
-        if not text:
-            return
-        flushed = self.socket.send_json(["stdout", text])
-        if flushed is None:
-            return
-        size = len(text)
-        self.unflushed += size
-        flushed.add_done_callback(lambda _: self._flushed(size))
-        if self.unflushed > self.high_water and not self.paused:
-            self.paused = True
-            self.stream.set_reading(False)
-
-    def _flushed(self, size: int) -> None:
-        self.unflushed -= size
-        if self.paused and self.unflushed < self.low_water and not self.ended:
-            self.paused = False
-            self.stream.set_reading(True)
-
-    def write(self, text: str) -> None:
-        if self.stream is not None and not self.ended:
-            self.stream.write(text.encode("utf-8", errors="replace"))
-
-
-class VMConsoleManager:
-    """The live console sessions, one per VM, their idle culler and their event tasks."""
-
-    def __init__(self, idle_timeout: float) -> None:
-        self.idle_timeout = idle_timeout
-        self.sessions: dict[str, ConsoleSession] = {}
-        self.background: set[asyncio.Future[Any]] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._culler: asyncio.Task[None] | None = None
-
-    def keep(self, task: asyncio.Future[Any]) -> None:
-        """Hold a background task until it is done (shutdown waits for them)."""
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    async def take_over(
-        self, target: ConsoleTarget, socket: VMConsoleSocket, attach: Attach
-    ) -> ConsoleSession:
-        """Attach ``socket`` to the VM's console, ending the session that had it.
-
-        Raises what ``attach`` raises (the VM stopped meanwhile, no console).
-        """
-        name = target.session_name
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            old = self.sessions.pop(name, None)
-            if old is not None:
-                await self.end(old, "taken over by a new session")
-            session = ConsoleSession(target, socket)
-            loop = asyncio.get_running_loop()
-
-            def on_output(data: bytes) -> None:  # libvirt's event thread
-                loop.call_soon_threadsafe(session.deliver, data)
-
-            def on_closed(reason: str) -> None:  # libvirt's event thread
-                loop.call_soon_threadsafe(self._ended_by_itself, session, reason)
-
-            session.stream = await asyncio.to_thread(attach, target, on_output, on_closed)
-            if socket.ws_connection is None or socket.ws_connection.is_closing():
-                # The browser left while the console was being attached.
-                await self.end(session, "closed by the client")
-                raise _Gone()
-            self.sessions[name] = session
-            return session
-
-    def _ended_by_itself(self, session: ConsoleSession, reason: str) -> None:
-        self.keep(asyncio.ensure_future(self.end(session, reason)))
-
-    async def end(self, session: ConsoleSession, reason: str) -> None:
-        """Detach the session and close its socket (``["disconnect", 1]`` first)."""
-        if session.ended:
-            return
-        session.ended = True
-        if self.sessions.get(session.name) is session:
-            del self.sessions[session.name]
-        session.socket.end(reason)
-        if session.stream is not None:
-            # Aborting a stream is a round trip to libvirtd: not on the event loop.
-            await asyncio.to_thread(session.stream.close)
-
-    def touch(self, session: ConsoleSession) -> None:
-        """The user typed something: the session is not idle."""
-        session.last_input = time.monotonic()
-
-    async def cull_idle(self) -> list[str]:
-        """Close every session idle for longer than the timeout; returns their names."""
-        now = time.monotonic()
-        idle = [s for s in self.sessions.values() if now - s.last_input > self.idle_timeout]
-        for session in idle:
-            await self.end(session, "idle")
-        return [s.name for s in idle]
-
-    def start_culler(self) -> None:
-        if self._culler is None:
-            self._culler = asyncio.ensure_future(self._cull_forever())
-
-    async def _cull_forever(self) -> None:
-        period = max(0.5, min(30.0, self.idle_timeout / 3))
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.cull_idle()
-            except Exception:
-                log.exception("console culling failed")
-
-    async def shutdown(self) -> None:
-        if self._culler is not None:
-            self._culler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._culler
-            self._culler = None
-        for session in list(self.sessions.values()):
-            await self.end(session, "the server is shutting down")
-        if self.background:
-            await asyncio.gather(*self.background, return_exceptions=True)
-
-
-class _Gone(Exception):
-    """The socket closed before its console was attached."""
-
-
 class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocket.WebSocketHandler):
     """A terminado-protocol socket bound to one VM's console."""
 
@@ -237,7 +76,7 @@ class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocke
     end_reason = "closed by the client"
 
     @property
-    def services(self) -> Any:
+    def services(self) -> Services:
         return self.settings["twarga_lab_services"]
 
     @property
@@ -267,8 +106,6 @@ class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocke
         refusal = websocket_refusal(self)
         if refusal is not None:
             raise web.HTTPError(refusal[0], refusal[1])
-        if not self.current_user:
-            raise web.HTTPError(401, "authentication required")
         allowed = await ensure_async(
             self.authorizer.is_authorized(self, self.current_user, "execute", "twarga")
         )
@@ -289,7 +126,7 @@ class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocke
             self.session = await self.consoles.take_over(
                 self.target, self, self.services.consoles.attach
             )
-        except _Gone:
+        except ConsoleGone:
             return
         except TwargaError as e:
             self.end(f"the console could not be opened: {e.message}", show=True)
