@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from twarga_lab.services.sshlog import SshEventKind, SshLogParser, parse_syslog
+from twarga_lab.services.sshlog import SshEventKind, SshLogParser
+from twarga_lab.services.syslog_format import parse_syslog
 
 K = SshEventKind
 

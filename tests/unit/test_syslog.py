@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from twarga_lab.services.sshlog import MAX_LINE, SyslogRecord, parse_syslog
 from twarga_lab.services.syslog import (
     Origin,
     SyslogIngest,
@@ -14,6 +13,7 @@ from twarga_lab.services.syslog import (
     parse_address,
     split_lines,
 )
+from twarga_lab.services.syslog_format import MAX_LINE, SyslogRecord, parse_syslog
 
 
 @pytest.mark.parametrize(

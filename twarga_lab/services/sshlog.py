@@ -1,16 +1,19 @@
 """Syslog lines of SSH servers (OpenSSH ``sshd`` and ``dropbear``) as authentication events.
 
-Two steps, both pure functions of the text (no I/O):
+:class:`SshLogParser` turns the message of an SSH server (split from its syslog line by
+:func:`~twarga_lab.services.syslog_format.parse_syslog`) into an :class:`SshEvent`, by walking
+:data:`RULES` in order, in the way of fail2ban's ``filter.d/sshd.conf`` and ``dropbear.conf``:
+each row is ``(daemon, pattern, kind)`` plus what the line does not say itself (whether it
+counts towards brute force, the method or reason a daemon implies). A pattern is matched at
+the start of the message and names what it reads with the groups ``user``, ``source``,
+``port``, ``method``, ``key`` (``key_type``), ``reason`` and ``fails``; the first row that
+matches wins, and the rows of one daemon are written so that no line matches two of them.
+Teaching the parser another daemon, or another version's wording, is adding rows.
 
-* :func:`parse_syslog` splits a line into host, program, pid and message. It reads RFC 5424
-  (``<PRI>1 TIMESTAMP HOST APP PROCID MSGID SD MSG``), RFC 3164 (``<PRI>Mmm dd hh:mm:ss HOST
-  TAG[PID]: MSG``, host optional as busybox ``syslogd -R`` omits it), busybox's local file
-  format (``Mmm dd hh:mm:ss HOST facility.level TAG[PID]: MSG``, what the tiny image writes
-  into its syslog channel) and auth.log files (classic or ISO 8601 timestamps).
-* :class:`SshLogParser` turns the message of an SSH server into an :class:`SshEvent`.
-  dropbear names the client only in some lines ("Login attempt for nonexistent user" has no
-  address), so the parser remembers each dropbear process's client from its
-  "Child connection from" line.
+dropbear names the client only in some lines ("Login attempt for nonexistent user" has no
+address), so the parser remembers each dropbear process's client from its "Child connection
+from" line (rows with ``remember``) and rows with ``recall`` take it from there when the line
+names none.
 
 What counts towards brute force is one failure per rejected credential: sshd's ``Failed
 <method>`` (publickey only for unknown users, as fail2ban's default), dropbear's ``Bad
@@ -29,88 +32,17 @@ from __future__ import annotations
 import enum
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from twarga_lab.services.syslog_format import SyslogRecord, parse_syslog
 
 __all__ = [
+    "RULES",
+    "Rule",
     "SshEvent",
     "SshEventKind",
     "SshLogParser",
-    "SyslogRecord",
-    "parse_syslog",
 ]
-
-MAX_LINE = 8192
-
-
-@dataclass(frozen=True, slots=True)
-class SyslogRecord:
-    """One syslog message: where it claims to come from and what it says."""
-
-    hostname: str | None
-    app: str | None
-    pid: int | None
-    message: str
-    timestamp: str | None = None
-    priority: int | None = None
-    structured_data: str | None = None  # RFC 5424 SD elements, verbatim
-
-
-_RFC5424 = re.compile(
-    r"1 (?P<ts>\S+) (?P<host>\S+) (?P<app>\S+) (?P<pid>\S+) \S+ "
-    r"(?P<sd>-|(?:\[(?:[^\]\\\"]|\\.|\"(?:[^\"\\]|\\.)*\")*\])+)(?: (?P<msg>.*))?$",
-    re.DOTALL,
-)
-# Classic timestamp or ISO 8601; then an optional host, an optional busybox
-# ``facility.level`` and the tag with an optional pid.
-_BSD = re.compile(
-    r"(?P<ts>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\S*) "
-    r"(?:(?P<host>[^\s:\[\]]+) )?(?:[a-z0-9]+\.[a-z]+ )?"
-    r"(?P<app>[^\s:\[\]]+)(?:\[(?P<pid>\d+)\])?: ?(?P<msg>.*)$",
-    re.DOTALL,
-)
-
-
-def parse_syslog(line: str | bytes) -> SyslogRecord | None:
-    """Split one syslog line (any format above); None if it is not syslog at all."""
-    if isinstance(line, bytes):
-        line = line.decode("utf-8", "replace")
-    line = line[:MAX_LINE].rstrip("\r\n\x00")
-    priority = None
-    if line.startswith("<"):
-        end = line.find(">", 1, 5)
-        if end < 0 or not line[1:end].isdigit():
-            return None
-        priority = int(line[1:end])
-        line = line[end + 1 :]
-        if line.startswith("1 "):
-            m = _RFC5424.match(line)
-            if m is None:
-                return None
-            msg = m["msg"] or ""
-            if msg.startswith("\ufeff"):
-                msg = msg[1:]
-            pid = m["pid"]
-            return SyslogRecord(
-                hostname=None if m["host"] == "-" else m["host"],
-                app=None if m["app"] == "-" else m["app"],
-                pid=int(pid) if pid.isdigit() else None,
-                message=msg,
-                timestamp=None if m["ts"] == "-" else m["ts"],
-                priority=priority,
-                structured_data=None if m["sd"] == "-" else m["sd"],
-            )
-    m = _BSD.match(line)
-    if m is None:
-        return None
-    pid = m["pid"]
-    return SyslogRecord(
-        hostname=m["host"],
-        app=m["app"],
-        pid=int(pid) if pid else None,
-        message=m["msg"],
-        timestamp=m["ts"],
-        priority=priority,
-    )
 
 
 class SshEventKind(enum.StrEnum):
@@ -152,69 +84,119 @@ class SshEvent:
         return "info"
 
 
-_IP = r"(?P<ip>[0-9A-Fa-f:.]+)"
-_SSHD_PORT = _IP + r" port (?P<port>\d+)"
-# sshd: "Accepted password for root from 192.0.2.1 port 50000 ssh2[: ED25519 SHA256:...]"
-_SSHD_ACCEPTED = re.compile(
-    r"Accepted (?P<method>[\w/-]+) for (?P<user>.*) from "
-    + _SSHD_PORT
-    + r"(?: ssh2)?(?:: (?P<key>.*))?$"
-)
-_SSHD_FAILED = re.compile(
-    r"Failed (?P<method>[\w/-]+) for (?P<invalid>invalid user )?(?P<user>.*) from "
-    + _SSHD_PORT
-    + r"(?: ssh2)?(?:: .*)?$"
-)
-_SSHD_INVALID = re.compile(r"[Ii]nvalid user (?P<user>.*) from " + _SSHD_PORT + r"\s*$")
-_SSHD_MAX = re.compile(
-    r"(?:error: )?maximum authentication attempts exceeded for (?:invalid user )?"
-    r"(?P<user>.*) from " + _SSHD_PORT + r"(?: ssh2)?(?: \[preauth\])?$"
-)
-_SSHD_CLOSED = re.compile(
-    r"(?:Connection (?:closed|reset) by|Disconnected from)"
-    r"(?: (?:(?:invalid|authenticating) )?user (?P<user>.*))? "
-    + _SSHD_PORT
-    + r"(?P<pre> \[preauth\])?$"
-)
-_SSHD_RECEIVED = re.compile(
-    r"Received disconnect from " + _SSHD_PORT + r":\s*\d+: (?P<reason>.*?)(?P<pre> \[preauth\])?$"
-)
-_SSHD_CONNECTION = re.compile(r"Connection from " + _SSHD_PORT + r"(?: on .*)?$")
-# dropbear (2022.83): client addresses are "ip:port", IPv6 ones too.
-_DB_ADDR = r"(?P<addr>\S+)"
-_DB_BAD = re.compile(
-    r"(?P<what>Bad|Too-long) password attempt for '(?P<user>.*)' from " + _DB_ADDR + "$"
-)
-_DB_PASSWORD_OK = re.compile(
-    r"(?:Password auth succeeded|Auth succeeded with blank password) for '(?P<user>.*)' from "
-    + _DB_ADDR
-    + r"(?:, extra auth required)?$"
-)
-_DB_PUBKEY_OK = re.compile(
-    r"Pubkey auth succeeded for '(?P<user>.*)' with (?P<type>\S+) key (?P<key>\S+) from "
-    + _DB_ADDR
-    + r"(?:, extra auth required)?$"
-)
-_DB_PUBKEY_BAD = re.compile(
-    r"Pubkey auth bad signature for '(?P<user>.*)' with key (?P<key>\S+) from " + _DB_ADDR + "$"
-)
-_DB_EXIT_BEFORE = re.compile(
-    r"Exit before auth(?: from <(?P<addr>[^>]*)>)?: "
-    r"(?:\(user '(?P<user>.*)', (?P<fails>\d+) fails\): )?(?P<reason>.*)$"
-)
-_DB_EXIT = re.compile(r"Exit \((?P<user>.*)\)(?: from <(?P<addr>[^>]*)>)?: (?P<reason>.*)$")
-_DB_CHILD = re.compile(r"Child connection from " + _DB_ADDR + "$")
-_DB_MAX = re.compile(r"Max auth tries reached - user '(?P<user>.*)'$")
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A row of :data:`RULES`: a message of ``daemon`` matching ``pattern`` is a ``kind`` event."""
+
+    daemon: str  # the event's ``server``: sshd or dropbear
+    pattern: str  # matched at the start of the message (re.match)
+    kind: SshEventKind
+    counts: bool = False  # one more failure towards brute force
+    method: str | None = None  # when the pattern has no ``method`` group
+    reason: str | None = None  # when the pattern has no ``reason`` group
+    remember: bool = False  # a connection line: remember the process's client
+    recall: bool = False  # no client in the line: take the process's remembered one
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regex", re.compile(self.pattern))
 
 
-def _split_addr(addr: str | None) -> tuple[str | None, int | None]:
-    """``10.0.2.2:5000`` or ``[::1]:5000`` or ``::1:5000`` -> (ip, port)."""
-    if not addr:
-        return None, None
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        return addr.strip("[]") or None, None
-    return host.strip("[]") or None, int(port)
+K = SshEventKind
+# sshd (OpenSSH 9.x, e.g. 9.2 of Debian 12): "... from 192.0.2.1 port 50000".
+_FROM = r"(?P<source>[0-9A-Fa-f:.]+) port (?P<port>\d+)"
+_FROM_ANY = r"[0-9A-Fa-f:.]+ port \d+"  # the same without groups, for a lookahead
+_FAILED_END = r"(?: ssh2)?(?:: .*)?$"  # "ssh2: RSA SHA256:..." after a failed key
+# dropbear (2022.83): the client as "ip:port", IPv6 ones too ("[::1]:22" or "::1:22"): the
+# port is the digits after the last colon, brackets around the address are dropped.
+_ADDR = r"[\[\]]*(?P<source>\S*?)[\[\]]*(?::(?P<port>\d+))?(?<=\S)"  # after "from "
+_ADDR_IN = r"[\[\]]*(?P<source>[^>]*?)[\[\]]*(?::(?P<port>\d+))?"  # inside "<...>"
+
+RULES: tuple[Rule, ...] = (
+    # -- sshd -----------------------------------------------------------------------------
+    Rule("sshd",
+         r"Failed (?P<method>(?!(?:publickey|none) )[\w/-]+) for (?:invalid user )?"
+         rf"(?P<user>.*) from {_FROM}{_FAILED_END}",
+         K.failed, counts=True),
+    # A key of an unknown user counts; a known user's client trying its keys in turn does not.
+    Rule("sshd",
+         rf"Failed (?P<method>publickey|none) for invalid user (?P<user>.*) from {_FROM}"
+         + _FAILED_END,
+         K.failed, counts=True),
+    Rule("sshd",
+         r"Failed (?P<method>publickey|none) for "
+         rf"(?!invalid user .* from {_FROM_ANY}{_FAILED_END})(?P<user>.*) from {_FROM}"
+         + _FAILED_END,
+         K.failed),
+    Rule("sshd",
+         rf"Accepted (?P<method>[\w/-]+) for (?P<user>.*) from {_FROM}(?: ssh2)?"
+         r"(?:: (?P<key>.*))?$",
+         K.accepted),
+    Rule("sshd", rf"[Ii]nvalid user (?P<user>.*) from {_FROM}\s*$", K.invalid_user),
+    Rule("sshd",
+         r"(?:error: )?maximum authentication attempts exceeded for (?:invalid user )?"
+         rf"(?P<user>.*) from {_FROM}(?: ssh2)?(?: \[preauth\])?$",
+         K.max_attempts),
+    Rule("sshd", r"Disconnecting: Too many authentication failures", K.max_attempts),
+    Rule("sshd",
+         r"(?:Connection (?:closed|reset) by|Disconnected from)"
+         rf"(?: (?:(?:invalid|authenticating) )?user (?P<user>.*))? {_FROM} \[preauth\]$",
+         K.preauth_disconnect),
+    Rule("sshd",
+         r"(?:Connection (?:closed|reset) by|Disconnected from)"
+         rf"(?: (?:(?:invalid|authenticating) )?user (?P<user>.*))? {_FROM}$",
+         K.session_closed),
+    Rule("sshd",
+         rf"Received disconnect from {_FROM}:\s*\d+: (?P<reason>.*?) \[preauth\]$",
+         K.preauth_disconnect),
+    Rule("sshd",
+         rf"Received disconnect from {_FROM}:\s*\d+: (?P<reason>(?!.* \[preauth\]$).*)$",
+         K.session_closed),
+    Rule("sshd", rf"Connection from {_FROM}(?: on .*)?$", K.connection),
+    # -- dropbear -------------------------------------------------------------------------
+    Rule("dropbear", rf"Bad password attempt for '(?P<user>.*)' from {_ADDR}$",
+         K.failed, counts=True, method="password"),
+    Rule("dropbear", rf"Too-long password attempt for '(?P<user>.*)' from {_ADDR}$",
+         K.failed, counts=True, method="password", reason="password too long"),
+    Rule("dropbear",
+         r"(?:Password auth succeeded|Auth succeeded with blank password) "
+         rf"for '(?P<user>.*)' from {_ADDR}(?:, extra auth required)?$",
+         K.accepted, method="password"),
+    Rule("dropbear",
+         r"Pubkey auth succeeded for '(?P<user>.*)' with (?P<key_type>\S+) key (?P<key>\S+) "
+         rf"from {_ADDR}(?:, extra auth required)?$",
+         K.accepted, method="publickey"),
+    Rule("dropbear",
+         rf"Pubkey auth bad signature for '(?P<user>.*)' with key (?P<key>\S+) from {_ADDR}$",
+         K.failed, counts=True, method="publickey", reason="bad signature"),
+    Rule("dropbear", r"Login attempt for nonexistent user",
+         K.invalid_user, counts=True, recall=True),
+    Rule("dropbear", r"Max auth tries reached - user '(?P<user>.*)'$",
+         K.max_attempts, recall=True),
+    Rule("dropbear",
+         rf"Exit before auth(?: from <{_ADDR_IN}>)?: "
+         r"(?:\(user '(?P<user>.*)', (?P<fails>\d+) fails\): )?(?P<reason>.*)$",
+         K.preauth_disconnect, recall=True),
+    Rule("dropbear", rf"Exit \((?P<user>.*)\)(?: from <{_ADDR_IN}>)?: (?P<reason>.*)$",
+         K.session_closed, recall=True),
+    Rule("dropbear", rf"Child connection from {_ADDR}$", K.connection, remember=True),
+)  # fmt: skip
+
+_BY_DAEMON: dict[str, tuple[Rule, ...]] = {
+    daemon: tuple(rule for rule in RULES if rule.daemon == daemon)
+    for daemon in dict.fromkeys(rule.daemon for rule in RULES)
+}
+
+
+def daemon_of(app: str | None) -> str | None:
+    """The daemon of :data:`RULES` a syslog program name is (``sshd-session`` is sshd)."""
+    if app is None:
+        return None
+    if app == "dropbear":
+        return "dropbear"
+    if app.startswith("sshd"):  # sshd, and sshd-session of OpenSSH 9.8+
+        return "sshd"
+    return None
 
 
 class SshLogParser:
@@ -240,87 +222,35 @@ class SshLogParser:
         return self.classify(record) if record is not None else None
 
     def classify(self, record: SyslogRecord) -> SshEvent | None:
-        """The SSH event in ``record``, or None for anything else."""
-        app = record.app
-        if app is None:
+        """The SSH event in ``record`` (the first row of :data:`RULES` that matches), or None."""
+        daemon = daemon_of(record.app)
+        if daemon is None:
             return None
-        if app == "dropbear":
-            return self._dropbear(record)
-        if app.startswith("sshd"):  # sshd, and sshd-session of OpenSSH 9.8+
-            return self._sshd(record)
+        msg = record.message
+        for rule in _BY_DAEMON[daemon]:
+            m = rule.regex.match(msg)
+            if m is not None:
+                return self._event(rule, m.groupdict(), record)
         return None
 
-    # -- sshd ---------------------------------------------------------------------------
-
-    def _sshd(self, r: SyslogRecord) -> SshEvent | None:
-        msg = r.message
-        first = msg[:4]
-        if first == "Fail":
-            m = _SSHD_FAILED.match(msg)
-            if m is None:
-                return None
-            method = m["method"]
-            invalid = m["invalid"] is not None
-            return SshEvent(
-                SshEventKind.failed, "sshd", m["ip"], int(m["port"]), m["user"], method,
-                counts=method not in ("publickey", "none") or invalid,
-                hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        if first == "Acce":
-            m = _SSHD_ACCEPTED.match(msg)
-            if m is None:
-                return None
-            return SshEvent(
-                SshEventKind.accepted, "sshd", m["ip"], int(m["port"]), m["user"], m["method"],
-                key=m["key"], hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        if first in ("Inva", "inva"):
-            m = _SSHD_INVALID.match(msg)
-            if m is None:
-                return None
-            return SshEvent(
-                SshEventKind.invalid_user, "sshd", m["ip"], int(m["port"]), m["user"],
-                hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        if first in ("Conn", "Disc"):
-            m = _SSHD_CLOSED.match(msg)
-            if m is not None:
-                kind = SshEventKind.preauth_disconnect if m["pre"] else SshEventKind.session_closed
-                return SshEvent(
-                    kind, "sshd", m["ip"], int(m["port"]), m["user"],
-                    hostname=r.hostname, pid=r.pid,
-                )  # fmt: skip
-            m = _SSHD_CONNECTION.match(msg)
-            if m is not None:
-                return SshEvent(
-                    SshEventKind.connection, "sshd", m["ip"], int(m["port"]),
-                    hostname=r.hostname, pid=r.pid,
-                )  # fmt: skip
-            if msg.startswith("Disconnecting: Too many authentication failures"):
-                return SshEvent(
-                    SshEventKind.max_attempts, "sshd", None, hostname=r.hostname, pid=r.pid
-                )
-            return None
-        if first == "Rece":
-            m = _SSHD_RECEIVED.match(msg)
-            if m is None:
-                return None
-            kind = SshEventKind.preauth_disconnect if m["pre"] else SshEventKind.session_closed
-            return SshEvent(
-                kind, "sshd", m["ip"], int(m["port"]), reason=m["reason"],
-                hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        if "maximum authentication attempts" in msg:
-            m = _SSHD_MAX.match(msg)
-            if m is None:
-                return None
-            return SshEvent(
-                SshEventKind.max_attempts, "sshd", m["ip"], int(m["port"]), m["user"],
-                hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        return None
-
-    # -- dropbear -------------------------------------------------------------------------
+    def _event(self, rule: Rule, g: dict[str, str | None], r: SyslogRecord) -> SshEvent:
+        source = g.get("source") or None
+        port = int(g["port"]) if g.get("port") else None
+        if rule.remember:
+            self._remember(r, source, port)
+        elif rule.recall and source is None:
+            source, port = self._client_of(r)
+        key = g.get("key")
+        if g.get("key_type") is not None:
+            key = f"{g['key_type']} {key}"
+        return SshEvent(
+            rule.kind, rule.daemon, source, port, g.get("user"),
+            g.get("method", rule.method),
+            counts=rule.counts,
+            fails=int(g["fails"]) if g.get("fails") else None,
+            reason=g.get("reason", rule.reason),
+            key=key, hostname=r.hostname, pid=r.pid,
+        )  # fmt: skip
 
     def _remember(self, r: SyslogRecord, ip: str | None, port: int | None) -> None:
         if r.pid is None:
@@ -335,91 +265,3 @@ class SshLogParser:
         if r.pid is None:
             return None, None
         return self._clients.get((r.hostname, r.pid), (None, None))
-
-    def _dropbear(self, r: SyslogRecord) -> SshEvent | None:
-        msg = r.message
-        first = msg[:4]
-        if first in ("Bad ", "Too-"):
-            m = _DB_BAD.match(msg)
-            if m is None:
-                return None
-            ip, port = _split_addr(m["addr"])
-            reason = "password too long" if m["what"] == "Too-long" else None
-            return SshEvent(
-                SshEventKind.failed, "dropbear", ip, port, m["user"], "password",
-                counts=True, reason=reason, hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        if first == "Chil":
-            m = _DB_CHILD.match(msg)
-            if m is None:
-                return None
-            ip, port = _split_addr(m["addr"])
-            self._remember(r, ip, port)
-            return SshEvent(
-                SshEventKind.connection, "dropbear", ip, port, hostname=r.hostname, pid=r.pid
-            )
-        if first == "Logi":
-            if not msg.startswith("Login attempt for nonexistent user"):
-                return None
-            ip, port = self._client_of(r)
-            return SshEvent(
-                SshEventKind.invalid_user, "dropbear", ip, port, counts=True,
-                hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        if first in ("Pass", "Auth"):
-            m = _DB_PASSWORD_OK.match(msg)
-            if m is None:
-                return None
-            ip, port = _split_addr(m["addr"])
-            return SshEvent(
-                SshEventKind.accepted, "dropbear", ip, port, m["user"], "password",
-                hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        if first == "Pubk":
-            m = _DB_PUBKEY_OK.match(msg)
-            if m is not None:
-                ip, port = _split_addr(m["addr"])
-                return SshEvent(
-                    SshEventKind.accepted, "dropbear", ip, port, m["user"], "publickey",
-                    key=f"{m['type']} {m['key']}", hostname=r.hostname, pid=r.pid,
-                )  # fmt: skip
-            m = _DB_PUBKEY_BAD.match(msg)
-            if m is None:
-                return None
-            ip, port = _split_addr(m["addr"])
-            return SshEvent(
-                SshEventKind.failed, "dropbear", ip, port, m["user"], "publickey",
-                counts=True, reason="bad signature", key=m["key"],
-                hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        if first == "Exit":
-            m = _DB_EXIT_BEFORE.match(msg)
-            if m is not None:
-                ip, port = _split_addr(m["addr"])
-                if ip is None:
-                    ip, port = self._client_of(r)
-                return SshEvent(
-                    SshEventKind.preauth_disconnect, "dropbear", ip, port, m["user"],
-                    fails=int(m["fails"]) if m["fails"] else None, reason=m["reason"],
-                    hostname=r.hostname, pid=r.pid,
-                )  # fmt: skip
-            m = _DB_EXIT.match(msg)
-            if m is None:
-                return None
-            ip, port = _split_addr(m["addr"])
-            if ip is None:
-                ip, port = self._client_of(r)
-            return SshEvent(
-                SshEventKind.session_closed, "dropbear", ip, port, m["user"],
-                reason=m["reason"], hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        if first == "Max ":
-            m = _DB_MAX.match(msg)
-            if m is None:
-                return None
-            ip, port = self._client_of(r)
-            return SshEvent(
-                SshEventKind.max_attempts, "dropbear", ip, port, m["user"],
-                hostname=r.hostname, pid=r.pid,
-            )  # fmt: skip
-        return None

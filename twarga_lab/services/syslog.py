@@ -21,8 +21,9 @@ starve the VMs' channels or other senders. Dropped lines are counted (Prometheus
 connections that stay silent, or hold an unfinished message, longer than ``tcp_timeout``
 are closed.
 
-Lines are parsed in a worker thread (:mod:`twarga_lab.services.sshlog`) and SSH events are
-written to the database in batches (``SocService.record_ssh``).
+Lines are split in a worker thread (:mod:`twarga_lab.services.syslog_format`), the SSH servers'
+messages classified (:mod:`twarga_lab.services.sshlog`) and SSH events written to the database
+in batches (``SocService.record_ssh``).
 """
 
 from __future__ import annotations
@@ -50,13 +51,8 @@ from twarga_lab.db.models import VM, VMStatus, utcnow
 from twarga_lab.errors import TwargaError
 from twarga_lab.services.background import cancel_and_wait
 from twarga_lab.services.soc import FloodNotice, SocService, SshObservation
-from twarga_lab.services.sshlog import (
-    MAX_LINE,
-    SshEventKind,
-    SshLogParser,
-    SyslogRecord,
-    parse_syslog,
-)
+from twarga_lab.services.sshlog import SshEventKind, SshLogParser
+from twarga_lab.services.syslog_format import MAX_LINE, SyslogRecord, parse_syslog
 from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEvent
 from twarga_lab.virt.domain import SYSLOG_CHANNEL, channel_socket_path
 
