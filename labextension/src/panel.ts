@@ -176,8 +176,11 @@ export class TwargaPanel extends Widget {
         return option;
       })
     );
+    const fallback = this._model.images.find(image => image.default)?.name;
     if (names.includes(selected)) {
       select.value = selected;
+    } else if (fallback) {
+      select.value = fallback;
     }
   }
 

@@ -59,6 +59,8 @@ export interface IImage {
   kind: string;
   os_type: string;
   description: string;
+  /** The image a VM gets when none is named (the panel preselects it). */
+  default?: boolean;
 }
 
 /** What `POST twarga/api/vms` takes; omitted values take the server's defaults. */

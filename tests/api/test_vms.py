@@ -278,6 +278,7 @@ async def test_me_and_images(api):
     images = (await api("GET", "images")).json
     assert [i["name"] for i in images] == ["twarga/tiny"]
     assert "base_disk" not in images[0]
+    assert images[0]["default"] is True  # what a VM gets when no image is named
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ5 alice@laptop"
     reply = await api("PATCH", "me", body={"ssh_public_key": key})
     assert (reply.status, reply.json["ssh_public_key"]) == (200, key)

@@ -359,8 +359,11 @@ class VMService:
             return result
 
     def list_images(self) -> list[dict[str, object]]:
-        """Bootable images."""
-        return [image.to_json() for image in self.images.list()]
+        """Bootable images; ``default`` marks the one a VM gets when none is named."""
+        return [
+            {**image.to_json(), "default": image.name == self.config.default_image}
+            for image in self.images.list()
+        ]
 
     # -- create -----------------------------------------------------------------------
 
@@ -531,6 +534,8 @@ class VMService:
                 DiskSpec(path=folder / TINY_SEED, target="vdb", format="raw", readonly=True)
             )
             channels = (ChannelSpec(SYSLOG_CHANNEL),)  # libvirt picks the socket's path
+        elif image.kernel is not None:
+            cmdline = image.cmdline  # a disk image with its own kernel (debian/12)
         return DomainSpec(
             name=vm.domain_name,
             memory_mib=vm.ram_mb,

@@ -43,6 +43,8 @@ class Image:
     kernel_version: str | None = None
     cloud_init: bool = False
     min_disk_gb: int = 1
+    # A disk image booted with its own kernel: the kernel command line its root needs.
+    cmdline: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, object]:
         """The public view of the image (no host paths)."""
@@ -55,6 +57,12 @@ class Image:
             "min_disk_gb": self.min_disk_gb,
             "kernel_version": self.kernel_version,
         }
+
+
+def parse_cmdline(text: str) -> tuple[tuple[str, str], ...]:
+    """``"root=/dev/vda quiet"`` as ``(("root", "/dev/vda"), ("quiet", ""))``; the domain
+    builder checks every key and value before they reach the domain XML."""
+    return tuple((key, value) for key, _, value in (word.partition("=") for word in text.split()))
 
 
 def qemu_img(*args: str) -> str:
@@ -208,7 +216,8 @@ def build_seed_iso(
                 "name": user,
                 "sudo": "ALL=(ALL) NOPASSWD:ALL",
                 "shell": "/bin/bash",
-                "ssh_authorized_keys": ssh_keys,
+                # An empty list is "invalid cloud-config" to cloud-init: no keys, no key.
+                **({"ssh_authorized_keys": ssh_keys} if ssh_keys else {}),
             }
         ],
         "ssh_pwauth": False,
@@ -316,6 +325,7 @@ class ImageStore:
             kernel_version=data.get("kernel_version"),
             cloud_init=bool(data.get("cloud_init", False)),
             min_disk_gb=int(data.get("min_disk_gb", 1)),
+            cmdline=parse_cmdline(str(data.get("cmdline") or "")),
         )
         files = [image.base_disk, image.kernel, image.initrd]
         if not all(f.is_file() for f in files if f is not None):
