@@ -261,6 +261,25 @@ def hub(hub_env: dict[str, str]) -> Iterator[HubProcess]:
     shutil.copy(process.log, artifacts / f"{Path(hub_env['_TWARGA_ROOT']).name}.log")
 
 
+def start_server(hub: HubProcess, name: str, token: str) -> None:
+    """Start ``name``'s JupyterLab through the Hub's API and wait until it is ready."""
+    auth = {"Authorization": f"token {token}"}
+    started = httpx.post(f"{hub.url}/hub/api/users/{name}/server", headers=auth, timeout=60)
+    assert started.status_code in (201, 202), started.text
+
+    def ready() -> bool:
+        model = httpx.get(f"{hub.url}/hub/api/users/{name}", headers=auth, timeout=10).json()
+        return bool(model.get("servers", {}).get("", {}).get("ready"))
+
+    wait_until(ready, 120, f"{name}'s server starting")
+
+
+def stop_server(hub: HubProcess, name: str, token: str) -> None:
+    """Stop ``name``'s server (nothing happens if it is not running)."""
+    auth = {"Authorization": f"token {token}"}
+    httpx.delete(f"{hub.url}/hub/api/users/{name}/server", headers=auth, timeout=60)
+
+
 def unique_name(prefix: str) -> str:
     """A fresh Hub (and system) user name: system accounts outlive a test run."""
     return f"{prefix}{uuid.uuid4().hex[:6]}"

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_placeholder_image
-from tests.hub.conftest import HubProcess, api, prepare_hub, wait_until
+from tests.hub.conftest import HubProcess, api, prepare_hub, start_server, stop_server
 from tests.hub.test_hub_journey import approved_user
 from twarga_lab.hub.spawn import prepare_user_home
 from twarga_lab.notebooks import FOLDER, notebook_templates
@@ -171,23 +171,6 @@ def hub_env(postgres_server: str) -> Iterator[dict[str, str]]:
         )
         conn.exec_driver_sql(f"DROP DATABASE {name}")
     admin.dispose()
-
-
-def start_server(hub: HubProcess, name: str, token: str) -> None:
-    auth = {"Authorization": f"token {token}"}
-    started = httpx.post(f"{hub.url}/hub/api/users/{name}/server", headers=auth, timeout=60)
-    assert started.status_code in (201, 202), started.text
-
-    def ready() -> bool:
-        model = httpx.get(f"{hub.url}/hub/api/users/{name}", headers=auth, timeout=10).json()
-        return bool(model.get("servers", {}).get("", {}).get("ready"))
-
-    wait_until(ready, 120, f"{name}'s server starting")
-
-
-def stop_server(hub: HubProcess, name: str, token: str) -> None:
-    auth = {"Authorization": f"token {token}"}
-    httpx.delete(f"{hub.url}/hub/api/users/{name}/server", headers=auth, timeout=60)
 
 
 def pids_of(word: str) -> list[str]:

@@ -11,7 +11,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hub.conftest import ADMIN_PASSWORD, HubClient, api, unique_name, wait_until
+from tests.hub.conftest import (
+    ADMIN_PASSWORD,
+    HubClient,
+    api,
+    start_server,
+    stop_server,
+    unique_name,
+)
 
 pytestmark = pytest.mark.hub
 PASSWORD = "Correct-Horse-7-Battery"
@@ -155,14 +162,7 @@ def test_a_users_own_server_reaches_the_service_with_no_arguments(hub):
     name, token, _ = approved_user(hub, "sv")
     auth = {"Authorization": f"token {token}"}
     api(hub, token, "POST", "vms", {"name": "from-hub"})
-    started = httpx.post(f"{hub.url}/hub/api/users/{name}/server", headers=auth, timeout=60)
-    assert started.status_code in (201, 202), started.text
-
-    def ready():
-        model = httpx.get(f"{hub.url}/hub/api/users/{name}", headers=auth, timeout=10).json()
-        return model.get("servers", {}).get("", {}).get("ready")
-
-    wait_until(ready, 120, f"{name}'s server starting")
+    start_server(hub, name, token)
     try:
         me = httpx.get(f"{hub.url}/user/{name}/twarga/api/me", headers=auth, timeout=60)
         assert me.status_code == 200, me.text
@@ -192,4 +192,4 @@ def test_a_users_own_server_reaches_the_service_with_no_arguments(hub):
         terminals = httpx.get(f"{hub.url}/user/{name}/api/terminals", headers=auth, timeout=30)
         assert terminals.status_code == 404
     finally:
-        httpx.delete(f"{hub.url}/hub/api/users/{name}/server", headers=auth, timeout=60)
+        stop_server(hub, name, token)

@@ -8,30 +8,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.hub.conftest import ADMIN_PASSWORD, HubClient, api, wait_until
+from tests.hub.conftest import ADMIN_PASSWORD, HubClient, api, start_server, stop_server
 from tests.hub.test_hub_journey import approved_user
 
 pytestmark = pytest.mark.hub
-
-
-def start_server(hub, name: str, token: str) -> None:
-    auth = {"Authorization": f"token {token}"}
-    started = httpx.post(f"{hub.url}/hub/api/users/{name}/server", headers=auth, timeout=60)
-    assert started.status_code in (201, 202), started.text
-
-    def ready():
-        model = httpx.get(f"{hub.url}/hub/api/users/{name}", headers=auth, timeout=10).json()
-        return model.get("servers", {}).get("", {}).get("ready")
-
-    wait_until(ready, 120, f"{name}'s server starting")
-
-
-def stop_server(hub, name: str, token: str) -> None:
-    httpx.delete(
-        f"{hub.url}/hub/api/users/{name}/server",
-        headers={"Authorization": f"token {token}"},
-        timeout=60,
-    )
 
 
 def server_token(name: str) -> str:

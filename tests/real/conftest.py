@@ -45,6 +45,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(
+    proc: subprocess.Popen[bytes], url: str, token: str, log: Path, timeout: float = 90
+) -> None:
+    """Poll ``/twarga/api/me`` with ``token`` until the server answers 200 (or fail with
+    the tail of its log when it dies or the deadline passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            me = httpx.get(url + "twarga/api/me", headers={"Authorization": f"token {token}"})
+            if me.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet: poll again until the deadline
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 @contextmanager
 def running_server(ssh_port_min: int, *extra_args: str) -> Iterator[LiveServer]:
     """A personal-mode ``jupyter server`` subprocess with Twarga Lab on qemu:///system and
@@ -89,19 +107,7 @@ def running_server(ssh_port_min: int, *extra_args: str) -> Iterator[LiveServer]:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                me = httpx.get(
-                    url + "twarga/api/me", headers={"Authorization": "token alice-token"}
-                )
-                if me.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass  # not listening yet: poll again until the deadline
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until_serving(proc, url, "alice-token", log)
         yield LiveServer(url, prefix, work, log)
     finally:
         proc.terminate()

@@ -18,7 +18,7 @@ import libvirt
 import pytest
 
 from tests.conftest import REPO
-from tests.real.conftest import _free_port
+from tests.real.conftest import _free_port, wait_until_serving
 from twarga_lab.client import Lab
 
 pytestmark = pytest.mark.real
@@ -45,18 +45,8 @@ def default_server():
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}/"
-    headers = {"Authorization": f"token {token}"}
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "twarga/api/me", headers=headers).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass  # not listening yet: poll until the deadline
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until_serving(proc, url, token, log)
         yield url, token
     finally:
         proc.terminate()

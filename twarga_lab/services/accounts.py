@@ -406,29 +406,22 @@ class AccountService:
                 failures_in_window=by_account.failures_in_window,
                 source_failures_in_window=by_source.failures_in_window,
             )  # fmt: skip
-            if by_account.newly_banned:
-                assert by_account.banned_until is not None
+            for result, policy, scope, what, verb in (
+                (by_account, self.ban_policy, ACCOUNT_SCOPE,
+                 f"the Hub account {name} (last from {source})", "locked"),
+                (by_source, self.source_policy, HUB_SCOPE, f"the Hub login from {source}",
+                 "banned"),
+            ):  # fmt: skip
+                if not result.newly_banned:
+                    continue
+                assert result.banned_until is not None
                 record_event(
                     session, EventType.security, Severity.critical,
-                    f"brute force on the Hub account {name} (last from {source}): "
-                    f"{by_account.failures_in_window} failures within "
-                    f"{self.ban_policy.findtime:g} s; locked until "
-                    f"{by_account.banned_until.isoformat(timespec='seconds')}",
-                    user_name=name, source=source, action="ban", scope=ACCOUNT_SCOPE,
-                    ban_count=by_account.ban_count,
-                    banned_until=by_account.banned_until.isoformat(),
-                )  # fmt: skip
-            if by_source.newly_banned:
-                assert by_source.banned_until is not None
-                record_event(
-                    session, EventType.security, Severity.critical,
-                    f"brute force on the Hub login from {source}: "
-                    f"{by_source.failures_in_window} failures within "
-                    f"{self.source_policy.findtime:g} s; banned until "
-                    f"{by_source.banned_until.isoformat(timespec='seconds')}",
-                    user_name=name, source=source, action="ban", scope=HUB_SCOPE,
-                    ban_count=by_source.ban_count,
-                    banned_until=by_source.banned_until.isoformat(),
+                    f"brute force on {what}: {result.failures_in_window} failures within "
+                    f"{policy.findtime:g} s; {verb} until "
+                    f"{result.banned_until.isoformat(timespec='seconds')}",
+                    user_name=name, source=source, action="ban", scope=scope,
+                    ban_count=result.ban_count, banned_until=result.banned_until.isoformat(),
                 )  # fmt: skip
 
     def is_banned(self, source: str) -> bool:
