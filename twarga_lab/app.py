@@ -27,6 +27,7 @@ from twarga_lab.services.credits import CreditMeter, CreditRates, CreditService
 from twarga_lab.services.hubusers import HubUserDirectory
 from twarga_lab.services.metric_store import Retention
 from twarga_lab.services.metrics import MetricsConfig, MetricsService, Thresholds
+from twarga_lab.services.snapshots import SnapshotService
 from twarga_lab.services.soc import SocService
 from twarga_lab.services.syslog import (
     SyslogCollector,
@@ -88,6 +89,7 @@ class Services:
     soc: SocService
     syslog: SyslogService
     consoles: ConsoleService
+    snapshots: SnapshotService
 
     hub_users: HubUserDirectory | None = None  # service mode under a Hub only
 
@@ -233,6 +235,9 @@ class TwargaLabApp(ExtensionApp):
     max_vms_per_user = Int(5, help="Default quota: VMs per user (destroyed ones not counted).").tag(
         config=True
     )
+    max_snapshots_per_vm = Int(
+        5, help="Most snapshots one VM may have (taking one more is 409 quota_exceeded)."
+    ).tag(config=True)
     max_ram_per_user_mb = Int(8192, help="Default quota: total RAM of a user's VMs, in MB.").tag(
         config=True
     )
@@ -542,6 +547,7 @@ class TwargaLabApp(ExtensionApp):
             soc=soc,
             syslog=syslog,
             consoles=ConsoleService(db, vms, self.libvirt_uri),
+            snapshots=SnapshotService(db, backend, vms, self.max_snapshots_per_vm),
         )
 
     def metrics_config(self) -> MetricsConfig:

@@ -3,11 +3,12 @@ registers it and a test walks it to check authentication and ownership."""
 
 from __future__ import annotations
 
-from twarga_lab.handlers import admin, console, images, me, metrics, soc, vms
+from twarga_lab.handlers import admin, console, images, me, metrics, snapshots, soc, vms
 
 ROUTES = [
     *me.default_handlers,
     *vms.default_handlers,
+    *snapshots.default_handlers,
     *console.default_handlers,
     *images.default_handlers,
     *admin.default_handlers,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from twarga_lab.virt.domain import DomainSpec
+from twarga_lab.virt.snapshot import SnapshotInfo
 
 
 class DomainState(enum.StrEnum):
@@ -117,6 +118,24 @@ class HypervisorBackend(ABC):
         ``on_output(data)`` and ``on_closed(reason)`` are called from the backend's own
         thread; ``NotFound`` if the domain does not exist.
         """
+
+    @abstractmethod
+    def snapshot_create(self, name: str, snapshot_name: str, description: str) -> SnapshotInfo:
+        """Take an internal snapshot of domain ``name``'s ``vda`` (with its memory if it
+        runs); ``Conflict`` if libvirt refuses (a duplicate name, a busy domain)."""
+
+    @abstractmethod
+    def snapshots(self, name: str) -> list[SnapshotInfo]:
+        """The snapshots of domain ``name``, oldest first."""
+
+    @abstractmethod
+    def snapshot_revert(self, name: str, snapshot_name: str) -> None:
+        """Put domain ``name`` back to a snapshot (running again if it ran when taken);
+        ``NotFound`` (reason ``no_snapshot``) if there is no such snapshot."""
+
+    @abstractmethod
+    def snapshot_delete(self, name: str, snapshot_name: str) -> None:
+        """Delete one snapshot; ``NotFound`` (reason ``no_snapshot``) if there is none."""
 
     @abstractmethod
     def call(self, fn: Callable[[Any], T], action: str) -> T:
