@@ -10,6 +10,7 @@ Inside a Hub user's server or a personal ``jupyter lab`` it needs no arguments::
     >>> vm.wait("running", timeout=120)          # a progress bar in a notebook
     >>> print(vm.run("uname -a"))                # one command on the serial console
     Linux web-1 6.1.0-... x86_64 GNU/Linux
+    >>> vm.snapshot("s1"); vm.snapshots(); vm.revert("s1"); vm.delete_snapshot("s1")
     >>> vm.stop(); vm.start(); vm.destroy()
     >>> lab.vms.list()                           # [VM(...), ...]
     >>> lab.metrics.host()                       # host CPU, memory, disk, network
@@ -340,6 +341,33 @@ class VM:
     def credentials(self) -> dict[str, Any]:
         """How to log in over SSH (owner only)."""
         return self._lab.request("GET", f"vms/{self.id}/credentials")
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def _snapshot_path(self, name: str) -> str:
+        return f"vms/{self.id}/snapshots/{quote(name, safe='')}"
+
+    def snapshot(self, name: str) -> dict[str, Any]:
+        """Take snapshot ``name`` of the disk (and of the memory if the VM runs)."""
+        return self._lab.request("POST", f"vms/{self.id}/snapshots", {"name": name})
+
+    def snapshots(self) -> Any:
+        """The VM's snapshots (name, created_at, state) as a DataFrame, oldest first."""
+        import pandas as pd
+
+        rows = self._lab.request("GET", f"vms/{self.id}/snapshots")
+        frame = pd.DataFrame(rows, columns=["name", "created_at", "state"])
+        frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601")
+        return frame
+
+    def revert(self, name: str) -> VM:
+        """Go back to snapshot ``name``: running where it was if it ran when taken."""
+        self._data = self._lab.request("POST", self._snapshot_path(name), {"action": "revert"})
+        return self
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete snapshot ``name``."""
+        self._lab.request("DELETE", self._snapshot_path(name))
 
     # -- console ----------------------------------------------------------------------------
 
