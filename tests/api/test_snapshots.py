@@ -3,11 +3,13 @@ ownership, validation, the per-VM quota, SOC events and destroy with snapshots."
 
 from __future__ import annotations
 
+import jsonschema
 import pytest
 from sqlalchemy import select
 
 from tests.helpers import wait_status
 from twarga_lab.db.models import Event
+from twarga_lab.event_schemas import load_schema
 
 
 @pytest.fixture
@@ -147,6 +149,8 @@ async def test_every_snapshot_action_is_an_event(api, twarga):
     shown = {e["details"].get("action"): e for e in soc.json if e["details"].get("snapshot")}
     assert set(shown) == {"snapshot_create", "snapshot_revert", "snapshot_delete"}
     assert "s1" in shown["snapshot_revert"]["message"]
+    for event in shown.values():
+        jsonschema.validate(event, load_schema("vm"))
 
 
 async def test_destroy_removes_a_vm_with_snapshots(api, twarga):
