@@ -318,7 +318,8 @@ class VMService:
         return await self._run(query)
 
     def credentials(self, identity: Identity, vm_id: int) -> dict[str, Any]:
-        """How to log in to a VM as root; its owner only (everyone else, admins too, 404)."""
+        """How to log in to a VM (as root, or the image's default user such as twarga); its
+        owner only (everyone else, admins too, 404)."""
         with self.db.session() as session:
             vm = session.get(VM, vm_id)
             if vm is None or vm.status is VMStatus.destroyed or vm.owner.name != identity.name:
@@ -329,8 +330,11 @@ class VMService:
                 user_name=vm.owner.name, vm_id=vm.id, action="credentials_read",
                 actor=identity.name,
             )  # fmt: skip
+            username = "root"
+            with contextlib.suppress(NotFound):  # an image removed since: tiny's root
+                username = self.images.get(vm.image).default_user or "root"
             result: dict[str, Any] = {
-                "username": "root",
+                "username": username,
                 "password": vm.root_password,
                 "ssh_host": "127.0.0.1",
                 "ssh_port": vm.ssh_port,
@@ -456,7 +460,10 @@ class VMService:
                 status=VMStatus.pending,
                 ssh_port=self._free_ssh_port(session),
                 ip_address=GUEST_IP,
-                root_password=generate_password() if image.kind == "kernel" else None,
+                # tiny's root, a cloud image's default user (its seed has only the hash)
+                root_password=generate_password()
+                if image.kind == "kernel" or image.cloud_init
+                else None,
             )
             session.add(vm)
             session.flush()
@@ -536,6 +543,8 @@ class VMService:
             channels = (ChannelSpec(SYSLOG_CHANNEL),)  # libvirt picks the socket's path
         elif image.kernel is not None:
             cmdline = image.cmdline  # a disk image with its own kernel (debian/12)
+        if image.cloud_init:
+            channels = (ChannelSpec(SYSLOG_CHANNEL),)  # the seed's rsyslog writes into it
         return DomainSpec(
             name=vm.domain_name,
             memory_mib=vm.ram_mb,
@@ -572,6 +581,9 @@ class VMService:
                     instance_id=vm.domain_name,
                     hostname=vm.name,
                     ssh_keys=[owner.ssh_public_key] if owner.ssh_public_key else [],
+                    user=image.default_user or "twarga",
+                    password_hash=sha512_crypt(vm.root_password) if vm.root_password else None,
+                    syslog_channel=SYSLOG_CHANNEL,
                 )
             self._ensure_tiny_seed(vm, image)
             self._secure(folder)

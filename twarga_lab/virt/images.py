@@ -45,6 +45,8 @@ class Image:
     min_disk_gb: int = 1
     # A disk image booted with its own kernel: the kernel command line its root needs.
     cmdline: tuple[tuple[str, str], ...] = ()
+    # Who the owner logs in as (cloud-init's user, e.g. twarga); None: root.
+    default_user: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """The public view of the image (no host paths)."""
@@ -205,23 +207,59 @@ def virtual_size_bytes(path: Path) -> int:
     return int(json.loads(qemu_img("info", "--output=json", "-U", str(path)))["virtual-size"])
 
 
+def rsyslog_forwarding(channel: str) -> str:
+    """An rsyslog drop-in sending auth and authpriv (sshd's log) into the virtio-serial port
+    ``channel`` in the classic format the SOC reads; its own queue, so a port nobody reads on
+    the host side never stalls rsyslog."""
+    return (
+        "# Written by Twarga Lab's cloud-init seed: the SOC reads this port.\n"
+        'template(name="TwargaSyslog" type="string" '
+        'string="<%PRI%>%TIMESTAMP% %HOSTNAME% %syslogtag%%msg:::sp-if-no-1st-sp%%msg%\\n")\n'
+        'auth,authpriv.* action(type="omfile" '
+        f'file="/dev/virtio-ports/{channel}" template="TwargaSyslog" '
+        'queue.type="LinkedList" queue.size="10000" action.resumeRetryCount="-1")\n'
+    )
+
+
 def build_seed_iso(
-    dest: Path, *, instance_id: str, hostname: str, ssh_keys: list[str], user: str = "twarga"
+    dest: Path,
+    *,
+    instance_id: str,
+    hostname: str,
+    ssh_keys: list[str],
+    user: str = "twarga",
+    password_hash: str | None = None,
+    syslog_channel: str | None = None,
 ) -> Path:
-    """A cloud-init NoCloud seed (ISO 9660 labelled ``cidata``) with the user's SSH keys."""
-    user_data = {
-        "hostname": hostname,
-        "users": [
-            {
-                "name": user,
-                "sudo": "ALL=(ALL) NOPASSWD:ALL",
-                "shell": "/bin/bash",
-                # An empty list is "invalid cloud-config" to cloud-init: no keys, no key.
-                **({"ssh_authorized_keys": ssh_keys} if ssh_keys else {}),
-            }
-        ],
-        "ssh_pwauth": False,
+    """A cloud-init NoCloud seed (ISO 9660 labelled ``cidata``) with the user's SSH keys.
+
+    ``password_hash`` (a ``$6$`` crypt hash, never the password) lets ``user`` log in with
+    the password too; ``syslog_channel`` names the virtio-serial port rsyslog forwards the
+    auth log into."""
+    account: dict[str, object] = {
+        "name": user,
+        "sudo": "ALL=(ALL) NOPASSWD:ALL",
+        "shell": "/bin/bash",
+        # An empty list is "invalid cloud-config" to cloud-init: no keys, no key.
+        **({"ssh_authorized_keys": ssh_keys} if ssh_keys else {}),
     }
+    if password_hash:
+        account.update(passwd=password_hash, lock_passwd=False)
+    user_data: dict[str, object] = {
+        "hostname": hostname,
+        "users": [account],
+        "ssh_pwauth": bool(password_hash),
+    }
+    if syslog_channel:
+        user_data["write_files"] = [
+            {
+                "path": "/etc/rsyslog.d/10-twarga-soc.conf",
+                "permissions": "0644",
+                "content": rsyslog_forwarding(syslog_channel),
+            }
+        ]
+        # write_files runs while rsyslog may already be up: make it read the drop-in now.
+        user_data["runcmd"] = [["systemctl", "restart", "rsyslog"]]
     meta_data = {"instance-id": instance_id, "local-hostname": hostname}
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
@@ -326,6 +364,7 @@ class ImageStore:
             cloud_init=bool(data.get("cloud_init", False)),
             min_disk_gb=int(data.get("min_disk_gb", 1)),
             cmdline=parse_cmdline(str(data.get("cmdline") or "")),
+            default_user=data.get("default_user") or None,
         )
         files = [image.base_disk, image.kernel, image.initrd]
         if not all(f.is_file() for f in files if f is not None):
