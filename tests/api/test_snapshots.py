@@ -48,6 +48,15 @@ async def test_take_list_revert_and_delete(api, twarga):
     assert twarga.services.backend.state(vm["domain"]).value == "running"
     assert (await api("GET", f"vms/{vm['id']}")).json["status"] == "running"
 
+    await twarga.services.vms.wait_idle()
+    with twarga.services.db.session() as session:
+        surprises = [
+            e.message
+            for e in session.scalars(select(Event).where(Event.vm_id == vm["id"]))
+            if e.details.get("outside_twarga")
+        ]
+    assert surprises == []  # the revert's own lifecycle events are expected
+
     gone = await api("DELETE", f"{base}/s1")
     assert gone.status == 204
     assert [s["name"] for s in (await api("GET", base)).json] == ["s2"]

@@ -141,16 +141,24 @@ class SnapshotService:
             if snapshot.state == "running" and vm["status"] != VMStatus.running.value:
                 # Reverting to a running snapshot starts the VM: it needs credits.
                 await self._run(self.vms._require_credits, identity, vm_id, "snapshot_revert")
-            await self._run(self.backend.snapshot_revert, domain, name)
+            # A transitional status first: libvirt's lifecycle events of the revert are then
+            # the expected outcome, not a change "outside Twarga".
+            moving = VMStatus.starting if snapshot.state == "running" else VMStatus.stopping
             await self._run(
-                self._record, vm, identity, "snapshot_revert",
-                f"VM {vm['name']} reverted to snapshot {name} by {identity.name}", name,
-            )  # fmt: skip
-            state = await self._run(self.backend.state, domain)
-            status = _STATE_TO_STATUS.get(state, VMStatus.error)
-            await self._run(
-                self.vms._set_status, vm_id, status, None, "snapshot_revert", identity.name
+                self.vms._set_status, vm_id, moving, None, "snapshot_revert", identity.name
             )
+            try:
+                await self._run(self.backend.snapshot_revert, domain, name)
+                await self._run(
+                    self._record, vm, identity, "snapshot_revert",
+                    f"VM {vm['name']} reverted to snapshot {name} by {identity.name}", name,
+                )  # fmt: skip
+            finally:
+                state = await self._run(self.backend.state, domain)
+                status = _STATE_TO_STATUS.get(state, VMStatus.error)
+                await self._run(
+                    self.vms._set_status, vm_id, status, None, "snapshot_revert", identity.name
+                )
         return await self.vms.get(identity, vm_id)
 
     async def delete(self, identity: Identity, vm_id: int, name: str) -> None:
