@@ -3,6 +3,7 @@ its memory: reverting resumes the guest as it was, with the files it had then.""
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
 import libvirt
@@ -41,6 +42,11 @@ def test_revert_brings_back_the_guests_memory(server):
     try:
         dom = conn.lookupByName(vm.domain)
         assert dom.snapshotListNames() == ["s1"]
+        xml = ET.fromstring(dom.snapshotLookupByName("s1").getXMLDesc())
+        modes = {d.get("name"): d.get("snapshot") for d in xml.iterfind("disks/disk")}
+        assert modes.pop("vda") == "internal"
+        assert modes and set(modes.values()) == {"no"}  # the read-only seeds
+        assert xml.find("memory").get("snapshot") == "internal"
     finally:
         conn.close()
 
@@ -48,6 +54,14 @@ def test_revert_brings_back_the_guests_memory(server):
     assert vm.snapshots().empty
     with pytest.raises(NotFound):
         vm.revert("s1")
+
+    # A stopped VM gets a disk-only snapshot; reverting a running VM to it stops the VM.
+    vm.force_stop()
+    vm.wait("stopped", timeout=60, progress=False)
+    assert vm.snapshot("off")["state"] == "shutoff"
+    vm.start()
+    vm.wait("running", timeout=60, progress=False)
+    assert vm.revert("off").status == "stopped"
 
     vm.snapshot("before-destroy")
     vm.destroy()
