@@ -45,6 +45,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_until_serving(
     proc: subprocess.Popen[bytes], url: str, token: str, log: Path, timeout: float = 90
 ) -> None:
@@ -110,11 +119,7 @@ def running_server(ssh_port_min: int, *extra_args: str) -> Iterator[LiveServer]:
         wait_until_serving(proc, url, "alice-token", log)
         yield LiveServer(url, prefix, work, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         destroy_domains(prefix)
         artifacts = REPO / "test-artifacts" / "live-servers"
         artifacts.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import virsh
 from tests.real.conftest import running_server
-from tests.real.test_debian_vm import ALICE, IMAGES, wait_for_ssh, wait_status
+from tests.real.test_debian_vm import ALICE, create_debian_vm, owner_key, wait_for_ssh
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(1200)]
 
@@ -51,21 +51,10 @@ def critical_bruteforce(api: str, vm_id: int) -> list[dict]:
 
 
 def test_openssh_brute_force_on_debian_reaches_the_soc_and_the_password_logs_in(tmp_path):
-    if not (IMAGES / "debian" / "12" / "image.json").exists():
-        pytest.fail("no debian/12 image: run `make image-debian` (make test does)")
-    key = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key = owner_key(tmp_path)
     with running_server(24400) as server:
         api = server.url + "twarga/api/"
-        public = key.with_suffix(".pub").read_text().strip()
-        assert httpx.patch(api + "me", headers=ALICE, json={"ssh_public_key": public}).is_success
-        created = httpx.post(
-            api + "vms",
-            headers=ALICE,
-            json={"name": "deb-soc", "os_type": "debian/12", "ram": 1024, "cpu": 1, "disk": 10},
-        )
-        assert created.status_code == 201, created.text
-        vm = wait_status(api, created.json()["id"], "running")
+        vm = create_debian_vm(api, key, "deb-soc")
         booted = time.monotonic()
 
         creds = httpx.get(f"{api}vms/{vm['id']}/credentials", headers=ALICE, timeout=30)

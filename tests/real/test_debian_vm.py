@@ -53,22 +53,33 @@ def wait_status(api: str, vm_id: int, status: str, timeout: float = 120) -> dict
         time.sleep(0.5)
 
 
-def test_a_debian_vm_boots_takes_the_owners_key_and_keeps_its_disk(tmp_path):
+def owner_key(tmp_path: Path) -> Path:
+    """A fresh ed25519 key pair for the VM's owner (``.pub`` beside it)."""
     if not (IMAGES / "debian" / "12" / "image.json").exists():
         pytest.fail("no debian/12 image: run `make image-debian` (make test does)")
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+def create_debian_vm(api: str, key: Path, name: str) -> dict:
+    """As alice: set ``key`` as her SSH key, create a debian/12 VM and wait until running."""
+    public = key.with_suffix(".pub").read_text().strip()
+    assert httpx.patch(api + "me", headers=ALICE, json={"ssh_public_key": public}).is_success
+    created = httpx.post(
+        api + "vms",
+        headers=ALICE,
+        json={"name": name, "os_type": "debian/12", "ram": 1024, "cpu": 1, "disk": 10},
+    )
+    assert created.status_code == 201, created.text
+    return wait_status(api, created.json()["id"], "running")
+
+
+def test_a_debian_vm_boots_takes_the_owners_key_and_keeps_its_disk(tmp_path):
+    key = owner_key(tmp_path)
     with running_server(24300) as server:
         api = server.url + "twarga/api/"
-        public = key.with_suffix(".pub").read_text().strip()
-        assert httpx.patch(api + "me", headers=ALICE, json={"ssh_public_key": public}).is_success
-        created = httpx.post(
-            api + "vms",
-            headers=ALICE,
-            json={"name": "deb-1", "os_type": "debian/12", "ram": 1024, "cpu": 1, "disk": 10},
-        )
-        assert created.status_code == 201, created.text
-        vm = wait_status(api, created.json()["id"], "running")
+        vm = create_debian_vm(api, key, "deb-1")
         started = time.monotonic()
         out = wait_for_ssh(key, vm["ssh_port"], "cat /etc/os-release; hostname")
         print(f"\ndebian/12 through the API: SSH answered {time.monotonic() - started:.0f} s "

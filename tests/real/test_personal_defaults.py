@@ -18,7 +18,7 @@ import libvirt
 import pytest
 
 from tests.conftest import REPO
-from tests.real.conftest import _free_port, wait_until_serving
+from tests.real.conftest import _free_port, stop_process, wait_until_serving
 from twarga_lab.client import Lab
 
 pytestmark = pytest.mark.real
@@ -49,11 +49,7 @@ def default_server():
         wait_until_serving(proc, url, token, log)
         yield url, token
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def test_defaults_from_the_repo_root_boot_a_vm_with_a_seed_client(default_server):
