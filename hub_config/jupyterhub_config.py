@@ -7,6 +7,7 @@ this same file (defaults in brackets):
 
 - TWARGA_HUB_IP / TWARGA_HUB_PORT    public address [127.0.0.1 / 8000]
 - TWARGA_HUB_API_PORT                 the Hub's internal API port [8081]
+- TWARGA_PROXY_API_PORT               configurable-http-proxy's API port [Hub API port + 1]
 - TWARGA_SERVICE_PORT                 the twarga service's port [10101]
 - TWARGA_STATE_DIR                    private state: Hub DB, cookie secret, Twarga DB
                                       [<repo>/vms/private], made mode 0700
@@ -43,6 +44,7 @@ STATE.chmod(0o700)  # users' accounts must not read the databases or the cookie 
 HUB_IP = os.environ.get("TWARGA_HUB_IP", "127.0.0.1")
 HUB_PORT = int(os.environ.get("TWARGA_HUB_PORT", "8000"))
 HUB_API_PORT = int(os.environ.get("TWARGA_HUB_API_PORT", "8081"))
+PROXY_API_PORT = int(os.environ.get("TWARGA_PROXY_API_PORT", str(HUB_API_PORT + 1)))
 SERVICE_PORT = int(os.environ.get("TWARGA_SERVICE_PORT", "10101"))
 DB_URL = os.environ.get("TWARGA_DB_URL", f"sqlite:///{STATE / 'twarga.db'}")
 VMS_DIR = os.environ.get("TWARGA_VMS_DIR", str(REPO / "vms"))
@@ -66,7 +68,7 @@ c.JupyterHub.db_url = f"sqlite:///{STATE / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(STATE / "jupyterhub_cookie_secret")
 c.ConfigurableHTTPProxy.command = [str(REPO / "node_modules" / ".bin" / "configurable-http-proxy")]
 c.ConfigurableHTTPProxy.pid_file = str(STATE / "jupyterhub-proxy.pid")
-c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{HUB_API_PORT + 1}"
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{PROXY_API_PORT}"
 c.JupyterHub.template_paths = [str(REPO / "twarga_lab" / "hub" / "templates")]
 c.JupyterHub.cleanup_servers = True
 # On one origin, a page from any user's server can script every other page of the Hub

@@ -1,8 +1,10 @@
-"""Waiting helpers: poll with a deadline instead of sleeping."""
+"""Test helpers: poll with a deadline instead of sleeping; ports for test servers."""
 
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -51,3 +53,25 @@ def destroy_domains(prefix: str) -> None:
         if name.startswith(prefix):
             virsh("destroy", name)
             virsh("undefine", name)
+
+
+# Below the kernel's ephemeral range (32768+), so no outgoing connection can take the port
+# between our check and the server's bind, and above the VMs' SSH forwards (22000-22999).
+LISTEN_PORTS = range(30000, 32700)
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on, never the same one twice in this run."""
+    for _ in range(500):
+        port = random.choice(LISTEN_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise AssertionError(f"no free port in {LISTEN_PORTS}")

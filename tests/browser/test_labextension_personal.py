@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, make_placeholder_image
+from tests.helpers import free_port
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -61,12 +61,6 @@ def jp_asyncio_loop() -> None:
 def jp_server_cleanup() -> None:
     """Overrides pytest-jupyter's autouse cleanup: no in-process server runs here."""
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LabServer:

@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +26,10 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, make_placeholder_image
+from tests.helpers import free_port
 
 VENV_BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = "Adm1n-" + secrets.token_hex(6)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> Any:
@@ -205,10 +199,7 @@ def prepare_hub(
     Twarga's database is ``db_url`` (a SQLite file under ``root`` by default)."""
     root.mkdir(mode=0o755)
     (root / "private").mkdir(mode=0o700)
-    # The proxy's API listens on the Hub API port + 1: keep all four ports distinct.
-    hub_port, api_port, service_port = free_port(), free_port(), free_port()
-    while len({hub_port, api_port, api_port + 1, service_port}) < 4:
-        api_port = free_port()
+    hub_port, api_port, proxy_api_port, service_port = (free_port() for _ in range(4))
     args = [
         f"--TwargaLabApp.domain_prefix={domain_prefix}",
         "--TwargaLabApp.syslog_address=127.0.0.1:0",
@@ -218,6 +209,7 @@ def prepare_hub(
         **os.environ,
         "TWARGA_HUB_PORT": str(hub_port),
         "TWARGA_HUB_API_PORT": str(api_port),
+        "TWARGA_PROXY_API_PORT": str(proxy_api_port),
         "TWARGA_SERVICE_PORT": str(service_port),
         "TWARGA_STATE_DIR": str(root / "private"),
         "TWARGA_DB_URL": db_url or f"sqlite:///{root / 'private' / 'twarga.db'}",

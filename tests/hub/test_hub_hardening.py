@@ -207,7 +207,7 @@ def proxy_token(hub: HubProcess) -> str:
 def proxy_routes(hub: HubProcess) -> dict[str, Any]:
     """The proxy's routing table, read with its token (as root)."""
     reply = httpx.get(
-        f"http://127.0.0.1:{int(hub.env['TWARGA_HUB_API_PORT']) + 1}/api/routes",
+        f"http://127.0.0.1:{hub.env['TWARGA_PROXY_API_PORT']}/api/routes",
         headers={"Authorization": f"token {proxy_token(hub)}"}, timeout=30,
     )  # fmt: skip
     assert reply.status_code == 200, reply.text
@@ -280,7 +280,7 @@ def test_loopback_ports_refuse_users_without_a_valid_token(hub):
     name, token, _ = approved_user(hub, "pt")
     service = f"http://127.0.0.1:{hub.env['TWARGA_SERVICE_PORT']}/services/twarga"
     hub_api = f"http://127.0.0.1:{hub.env['TWARGA_HUB_API_PORT']}/hub/api"
-    chp_api = f"http://127.0.0.1:{int(hub.env['TWARGA_HUB_API_PORT']) + 1}/api"
+    chp_api = f"http://127.0.0.1:{hub.env['TWARGA_PROXY_API_PORT']}/api"
     calls = [
         ("GET", f"{service}/twarga/api/me", None),
         ("GET", f"{service}/twarga/api/vms?all=1", None),

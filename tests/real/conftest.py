@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers import destroy_domains
+from tests.helpers import destroy_domains, free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -35,14 +35,6 @@ class LiveServer:
     prefix: str
     work: Path
     log: Path
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -85,7 +77,7 @@ def running_server(ssh_port_min: int, *extra_args: str) -> Iterator[LiveServer]:
     for folder in (work, work.parent):
         folder.chmod(0o755)
     prefix = f"twl{secrets.token_hex(3)}-"
-    port = _free_port()
+    port = free_port()
     log = work / "server.log"
     argv = [
         str(VENV_BIN / "jupyter"),

@@ -24,6 +24,7 @@ import libvirt
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import free_port
 from twarga_lab.virt.debian import DEBIAN_12
 from twarga_lab.virt.domain import DiskSpec, DomainSpec, UserNetSpec, build_domain_xml
 from twarga_lab.virt.images import ImageStore, build_seed_iso, create_overlay
@@ -101,14 +102,6 @@ def libvirt_conn() -> Iterator[libvirt.virConnect]:
     conn.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _console(path: Path) -> str:
     return path.read_text(errors="replace").replace("\r", "") if path.exists() else ""
 
@@ -159,7 +152,7 @@ def test_debian_12_boots_under_tcg_to_the_login_prompt(debian_image, guest_folde
             DiskSpec(path=seed, target="hdc", format="raw", device="cdrom", bus="ide"),
         ),
         console_log=console,
-        network=UserNetSpec(ssh_host_port=(ssh_port := _free_port())),
+        network=UserNetSpec(ssh_host_port=(ssh_port := free_port())),
     )
     domain = libvirt_conn.defineXML(build_domain_xml(spec))
     try:

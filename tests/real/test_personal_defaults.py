@@ -18,7 +18,8 @@ import libvirt
 import pytest
 
 from tests.conftest import REPO
-from tests.real.conftest import _free_port, stop_process, wait_until_serving
+from tests.helpers import free_port
+from tests.real.conftest import stop_process, wait_until_serving
 from twarga_lab.client import Lab
 
 pytestmark = pytest.mark.real
@@ -32,7 +33,7 @@ def default_server():
     if not (REPO / "vms" / "images" / "twarga" / "tiny" / "image.json").exists():
         pytest.fail("no ./vms/images/twarga/tiny: run `make image` (make test does)")
     token = secrets.token_hex(16)
-    port = _free_port()
+    port = free_port()
     log = REPO / "test-artifacts" / "personal-defaults.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     # Nothing of the test run's own configuration: no TWARGA_* variable reaches it.
