@@ -24,6 +24,10 @@ Errors from the service become exceptions carrying its message: :class:`BadReque
 (409), :class:`ValidationError` (422, with ``.field``), :class:`ServiceUnavailable` (503),
 all subclasses of :class:`TwargaAPIError`. Calls are synchronous; ``wait_async`` and
 ``run_async`` are there for notebooks that keep working while a VM boots.
+
+Why it is long: it is the notebook's whole public API (Lab, VMs, images, metrics, SOC,
+admin), one import and one help() page for users; it holds no logic beyond HTTP calls and
+their typed results, and the serial-console protocol lives in serial_console.py.
 """
 
 from __future__ import annotations

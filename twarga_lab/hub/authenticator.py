@@ -18,6 +18,9 @@ Every Hub user runs code on the host as a system account of the same name, so:
   which tornado would otherwise believe, is ignored);
 - disabling an account or resetting its password stops its servers, deletes its tokens
   and ends its browser sessions; logging out ends every browser session of the user.
+
+Why it is long: JupyterHub wants one Authenticator class with its handlers and templates'
+glue; the rules themselves are in services/accounts.py.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ parallel attempts cannot all slip past the check: at most ``maxretry`` passwords
 ever checked per key and window.
 
 No tornado here: the Hub's authenticator and handlers call this service.
+
+Why it is long: the sign-up rules, password hashing and the two-key lockout are one
+transaction each (a failure is counted in the same locked step as the ban check), which is
+clearer read top to bottom than spread over modules.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ makes rewriting a partial row harmless on SQLite and PostgreSQL alike.
 
 No tornado, no asyncio: callers run these methods in worker threads; one lock guards the
 in-memory state.
+
+Why it is long: writing and reading the chunk format (packing, buckets, rollups, restart
+recovery) must agree byte for byte, so both halves stay side by side.
 """
 
 from __future__ import annotations

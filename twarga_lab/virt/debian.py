@@ -16,6 +16,10 @@
 
 The image is assembled in a hidden folder beside its final place and renamed into place; its
 ``image.json`` appears last, so a crash never leaves a half image that looks valid.
+
+Why it is long: the recipe is one ordered build (bootstrap, guest configuration files,
+disk, manifest) whose hash decides the cache; the files written into the guest are part of
+it.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ line into it: the host end is a UNIX socket per VM, so the service knows which V
 
 Everything is built with the standard library plus ``cpio`` (package ``cpio``) and, for
 dropbear, ``ldd`` (package ``libc-bin``).
+
+Why it is long: the guest's init script and busybox layout are data of the build and
+change with it; splitting them would hide what the image does.
 """
 
 from __future__ import annotations
