@@ -138,6 +138,16 @@ RULES: tuple[Rule, ...] = (
          rf"(?P<user>.*) from {_FROM}(?: ssh2)?(?: \[preauth\])?$",
          K.max_attempts),
     Rule("sshd", r"Disconnecting: Too many authentication failures", K.max_attempts),
+    # OpenSSH 9.x names who and where: "Disconnecting authenticating user twarga 10.0.2.2
+    # port 43216: Too many authentication failures [preauth]" (MaxAuthTries keys or passwords).
+    Rule("sshd",
+         r"Disconnecting (?:(?:invalid|authenticating) )?user (?P<user>.*) "
+         rf"{_FROM}: (?P<reason>Too many authentication failures)(?: \[preauth\])?$",
+         K.max_attempts),
+    Rule("sshd",
+         r"Disconnecting (?:(?:invalid|authenticating) )?user (?P<user>.*) "
+         rf"{_FROM}: (?P<reason>(?!Too many authentication failures).*?)(?: \[preauth\])?$",
+         K.preauth_disconnect),
     Rule("sshd",
          r"(?:Connection (?:closed|reset) by|Disconnected from)"
          rf"(?: (?:(?:invalid|authenticating) )?user (?P<user>.*))? {_FROM} \[preauth\]$",

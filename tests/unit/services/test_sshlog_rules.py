@@ -29,6 +29,11 @@ SAMPLES = [
              "port 40026 ssh2 [preauth]", K.max_attempts),
     ("sshd", "Disconnecting: Too many authentication failures for root [preauth]",
      K.max_attempts),
+    ("sshd", "Disconnecting authenticating user twarga 10.0.2.2 port 43220: Too many "
+             "authentication failures [preauth]", K.max_attempts),
+    ("sshd", "Disconnecting invalid user admin 10.0.2.2 port 43222: Change of username or "
+             "service not allowed: (admin,ssh-connection) -> (root,ssh-connection) [preauth]",
+     K.preauth_disconnect),
     ("sshd", "Connection closed by authenticating user root 203.0.113.5 port 40022 [preauth]",
      K.preauth_disconnect),
     ("sshd", "Disconnected from user twarga 10.0.2.2 port 43210", K.session_closed),
@@ -97,6 +102,9 @@ DEBIAN_12 = [
      "ssh2 [preauth]", K.max_attempts, "twarga", 43216, False),
     ("Disconnected from authenticating user twarga 10.0.2.2 port 43216 [preauth]",
      K.preauth_disconnect, "twarga", 43216, False),
+    # a client offering more keys than MaxAuthTries (6) allows
+    ("Disconnecting authenticating user twarga 10.0.2.2 port 43220: Too many authentication "
+     "failures [preauth]", K.max_attempts, "twarga", 43220, False),
     ("Accepted publickey for twarga from 10.0.2.2 port 43218 ssh2: ED25519 "
      "SHA256:0gaoau286DAzW1M1GaY4rhUVDiz4wDq4gdc/m55VSyE", K.accepted, "twarga", 43218, False),
     ("Received disconnect from 10.0.2.2 port 43218:11: disconnected by user",
