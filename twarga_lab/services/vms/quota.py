@@ -1,0 +1,205 @@
+"""What a VM may be: per-VM size bounds, name rules, the checks of a create or update
+body, and the per-user quota and credit checks made before a VM is created or started.
+
+Every refusal is a :class:`~twarga_lab.errors.TwargaError` whose ``reason`` the API
+returns unchanged (``invalid_name``, ``out_of_range``, ``quota_exceeded``, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from twarga_lab.db import Database
+from twarga_lab.db.models import VM
+from twarga_lab.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
+from twarga_lab.services import Identity
+from twarga_lab.services.events import EventType, Severity, record_event
+from twarga_lab.services.users import LIVE_STATUSES, UserService, balance_milli, usage
+from twarga_lab.virt.images import ImageStore
+
+VM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class VMBounds:
+    """Per-VM size limits."""
+
+    min_ram_mb: int = 512
+    max_ram_mb: int = 4096
+    min_cpu: int = 1
+    max_cpu: int = 4
+    min_disk_gb: int = 10
+    max_disk_gb: int = 100
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    name: str
+    image: str
+    ram: int
+    cpu: int
+    disk: int
+
+
+def validate_name(name: str) -> str:
+    """A VM name as DESIGN.md allows it, or ValidationFailed."""
+    if not VM_NAME_RE.fullmatch(name):
+        raise ValidationFailed(
+            "name must be 1-63 characters: a lowercase letter, then lowercase letters, "
+            "digits or hyphens",
+            field="name",
+            reason="invalid_name",
+        )
+    return name
+
+
+def requested_image(body: dict[str, Any]) -> str | None:
+    """The image a create body names: ``image``, or the seed's ``os_type`` (its alias).
+
+    Both given and different is a contradiction the caller must resolve (422)."""
+    image, os_type = body.get("image"), body.get("os_type")
+    if image and os_type and image != os_type:
+        raise ValidationFailed(
+            f"'image' ({image!r}) and its alias 'os_type' ({os_type!r}) name different images; "
+            "send one of them",
+            field="os_type",
+            reason="conflicting_fields",
+        )
+    return image or os_type
+
+
+def check_range(value: int, low: int, high: int, field_name: str, unit: str) -> int:
+    """``value`` if ``low <= value <= high``, else ValidationFailed ``out_of_range``."""
+    if not low <= value <= high:
+        raise ValidationFailed(
+            f"{field_name} must be between {low} and {high} {unit}, not {value}",
+            field=field_name,
+            reason="out_of_range",
+        )
+    return value
+
+
+_check_range = check_range  # the name vms.py had
+
+
+def validate_create(
+    body: dict[str, Any], bounds: VMBounds, images: ImageStore, default_image: str
+) -> CreateRequest:
+    """Check a create body's values (types are the handler's job); raises
+    ValidationFailed (422). The disk may not be smaller than the image needs."""
+    b = bounds
+    name = validate_name(body["name"])
+    image_name = requested_image(body) or default_image
+    try:
+        image = images.get(image_name)
+    except NotFound:
+        raise ValidationFailed(
+            f"image {image_name!r} does not exist; GET /twarga/api/images lists them",
+            field="image" if body.get("image") else "os_type",
+            reason="unknown_image",
+        ) from None
+    ram = check_range(body.get("ram", b.min_ram_mb), b.min_ram_mb, b.max_ram_mb, "ram", "MB")
+    cpu = check_range(body.get("cpu", b.min_cpu), b.min_cpu, b.max_cpu, "cpu", "vCPUs")
+    disk = check_range(
+        body.get("disk", max(b.min_disk_gb, image.min_disk_gb)),
+        max(b.min_disk_gb, image.min_disk_gb),
+        b.max_disk_gb,
+        "disk",
+        "GB",
+    )
+    return CreateRequest(name=name, image=image.name, ram=ram, cpu=cpu, disk=disk)
+
+
+def validate_update(changes: dict[str, Any], bounds: VMBounds) -> None:
+    """Check the values of an update body (name, ram, cpu) against the bounds."""
+    b = bounds
+    if "name" in changes:
+        validate_name(changes["name"])
+    if "ram" in changes:
+        check_range(changes["ram"], b.min_ram_mb, b.max_ram_mb, "ram", "MB")
+    if "cpu" in changes:
+        check_range(changes["cpu"], b.min_cpu, b.max_cpu, "cpu", "vCPUs")
+
+
+def check_name_free(session: Session, owner_id: int, name: str) -> None:
+    """409 ``name_taken`` if the owner already has a live VM called ``name``."""
+    taken = session.scalar(
+        select(VM.id).where(
+            VM.owner_id == owner_id,
+            VM.name == name,
+            VM.status.in_(LIVE_STATUSES),
+        )
+    )
+    if taken is not None:
+        raise Conflict(f"you already have a VM named {name!r}", "name_taken")
+
+
+def check_create_quota(
+    session: Session, users: UserService, user_id: int, request: CreateRequest
+) -> None:
+    """Whether ``user_id`` may have one more VM of this size (call under the user's lock,
+    so concurrent creates of one user are checked one at a time)."""
+    check_name_free(session, user_id, request.name)
+    if balance_milli(session, user_id) <= 0:
+        raise QuotaExceeded("you have no credits left; ask an admin for more", "no_credits")
+    quota = users.effective_quota(session, user_id)
+    used = usage(session, user_id)
+    if used.vms + 1 > quota.max_vms:
+        raise QuotaExceeded(
+            f"you may have at most {quota.max_vms} VMs and have {used.vms}",
+            "quota_exceeded",
+        )
+    if used.ram_mb + request.ram > quota.max_ram_mb:
+        raise QuotaExceeded(
+            f"{request.ram} MB more RAM would exceed your quota of "
+            f"{quota.max_ram_mb} MB ({used.ram_mb} MB in use)",
+            "quota_exceeded",
+        )
+    if quota.max_cpu is not None and used.cpu + request.cpu > quota.max_cpu:
+        raise QuotaExceeded(
+            f"{request.cpu} more vCPUs would exceed your quota of {quota.max_cpu}",
+            "quota_exceeded",
+        )
+    if quota.max_disk_gb is not None and used.disk_gb + request.disk > quota.max_disk_gb:
+        raise QuotaExceeded(
+            f"{request.disk} GB more disk would exceed your quota of {quota.max_disk_gb} GB",
+            "quota_exceeded",
+        )
+
+
+def check_ram_change(session: Session, users: UserService, vm: VM, ram_mb: int) -> None:
+    """Whether ``vm`` may have ``ram_mb`` instead of its RAM within its owner's quota."""
+    quota = users.effective_quota(session, vm.owner_id)
+    used = usage(session, vm.owner_id)
+    if used.ram_mb - vm.ram_mb + ram_mb > quota.max_ram_mb:
+        raise QuotaExceeded(
+            f"{ram_mb} MB would exceed the RAM quota of {quota.max_ram_mb} MB",
+            "quota_exceeded",
+        )
+
+
+def require_credits(db: Database, identity: Identity, vm_id: int, action: str) -> None:
+    """Refuse to (re)start a VM whose owner has no credits left (409 no_credits); the
+    refusal is a warning event."""
+    with db.session() as session:
+        vm = session.get(VM, vm_id)
+        assert vm is not None
+        if balance_milli(session, vm.owner_id) > 0:
+            return
+        name, owner = vm.name, vm.owner.name
+    with db.session() as session:
+        record_event(
+            session, EventType.vm, Severity.warning,
+            f"{action} of VM {name} refused for {identity.name}: {owner} has no credits",
+            user_name=owner, vm_id=vm_id, action=action, actor=identity.name,
+            reason="no_credits",
+        )  # fmt: skip
+    raise QuotaExceeded(
+        f"{owner} has no credits left; ask an admin for more before starting VM {name}",
+        "no_credits",
+    )

@@ -1,0 +1,114 @@
+"""How VMs look from outside: the public JSON of a VM (with its uptime), the list a user
+or an admin sees, and what the owner gets from ``/credentials``.
+
+Read-only: nothing here changes a row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from twarga_lab.db import Database
+from twarga_lab.db.models import VM, Event, User, VMStatus, utcnow
+from twarga_lab.errors import NotFound
+from twarga_lab.virt.seed import key_fingerprint
+
+
+def uptime_seconds(vm: VM, now: datetime) -> int:
+    """Seconds since the VM last started, 0 when it is not running."""
+    if vm.status is not VMStatus.running or vm.started_at is None:
+        return 0
+    return max(0, int((now - vm.started_at).total_seconds()))
+
+
+def vm_to_json(vm: VM, owner: str, now: datetime | None = None) -> dict[str, Any]:
+    """The public view of a VM."""
+    now = now or utcnow()
+    return {
+        "id": vm.id,
+        "name": vm.name,
+        "owner": owner,
+        "status": vm.status.value,
+        "status_message": vm.status_message,
+        "image": vm.image,
+        # The seed's name for the image a VM was made from (Twarga Cloud's "ubuntu/focal64").
+        "os_type": vm.image,
+        "os_family": vm.os_type,
+        "ram": vm.ram_mb,
+        "cpu": vm.cpu,
+        "disk": vm.disk_gb,
+        "ip_address": vm.ip_address,
+        "ssh_host": "127.0.0.1" if vm.ssh_port else None,
+        "ssh_port": vm.ssh_port,
+        "domain": vm.domain_name,
+        "created_at": vm.created_at.isoformat(),
+        "started_at": vm.started_at.isoformat() if vm.started_at else None,
+        "uptime": uptime_seconds(vm, now),
+    }
+
+
+def vm_owner_name(session: Session, vm: VM) -> str:
+    """The name of a VM's owner (loads the relationship if needed)."""
+    owner = session.get(User, vm.owner_id)
+    assert owner is not None
+    return owner.name
+
+
+def view(db: Database, vm_id: int) -> dict[str, Any]:
+    """The public view of VM ``vm_id`` as it is now (destroyed ones too: history)."""
+    with db.session() as session:
+        vm = session.get(VM, vm_id)
+        if vm is None:
+            raise NotFound(f"VM {vm_id} does not exist", "no_vm")
+        return vm_to_json(vm, vm.owner.name)
+
+
+def list_vms(db: Database, owner: str | None) -> list[dict[str, Any]]:
+    """Live VMs in id order: ``owner``'s, or everyone's for None."""
+    with db.session() as session:
+        stmt = (
+            select(VM, User.name)
+            .join(User, VM.owner_id == User.id)
+            .where(VM.status != VMStatus.destroyed)
+            .order_by(VM.id)
+        )
+        if owner is not None:
+            stmt = stmt.where(User.name == owner)
+        now = utcnow()
+        return [vm_to_json(vm, name, now) for vm, name in session.execute(stmt)]
+
+
+def credentials_view(
+    session: Session, vm: VM, username: str, host_key: str | None
+) -> dict[str, Any]:
+    """How to log in to ``vm``: user, password, SSH forward and the host key to expect,
+    and, when its SSH port moved since (another program took the old one), why."""
+    result: dict[str, Any] = {
+        "username": username,
+        "password": vm.root_password,
+        "ssh_host": "127.0.0.1",
+        "ssh_port": vm.ssh_port,
+        "ssh_port_moved": None,
+        # What the guest's SSH server must present (compare before typing a password).
+        "ssh_host_key": host_key,
+        "ssh_host_key_fingerprint": key_fingerprint(host_key) if host_key else None,
+    }
+    moved = session.scalar(
+        select(Event)
+        .where(Event.vm_id == vm.id, Event.details["action"].as_string() == "ssh_port_moved")
+        .order_by(Event.id.desc())
+        .limit(1)
+    )
+    if moved is not None and moved.details.get("port") == vm.ssh_port:
+        # The owner's SSH client knows the old port: say why it changed.
+        result["ssh_port_moved"] = {
+            "from": moved.details.get("previous_port"),
+            "to": vm.ssh_port,
+            "at": moved.created_at.isoformat(),
+            "reason": "another program was listening on the old port",
+        }
+    return result
