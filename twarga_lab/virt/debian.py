@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import IO
 
 from twarga_lab.errors import BackendError
+from twarga_lab.virt.domain import SYSLOG_CHANNEL
+from twarga_lab.virt.images import rsyslog_forwarding
 
 __all__ = [
     "DEBIAN_12",
@@ -298,6 +300,9 @@ DEBIAN_12 = DebianRecipe(
         ("etc/network/interfaces", 0o644, _NETWORK_INTERFACES),
         ("etc/cloud/cloud.cfg.d/90_twarga.cfg", 0o644, _CLOUD_CFG),
         ("etc/systemd/journald.conf.d/90-twarga.conf", 0o644, _JOURNALD_CONF),
+        # In the image, not only in the seed, so sshd's very first lines reach the SOC:
+        # rsyslog starts before cloud-init could write the drop-in.
+        ("etc/rsyslog.d/10-twarga-soc.conf", 0o644, rsyslog_forwarding(SYSLOG_CHANNEL)),
         ("etc/sysctl.d/90-twarga-console.conf", 0o644, _SYSCTL_CONSOLE),
         ("etc/apt/apt.conf.d/20auto-upgrades", 0o644, _APT_PERIODIC),
         ("etc/systemd/system/twarga-ssh-hostkeys.service", 0o644, _SSH_HOSTKEYS_UNIT),

@@ -212,7 +212,7 @@ def rsyslog_forwarding(channel: str) -> str:
     ``channel`` in the classic format the SOC reads; its own queue, so a port nobody reads on
     the host side never stalls rsyslog."""
     return (
-        "# Written by Twarga Lab's cloud-init seed: the SOC reads this port.\n"
+        "# Written by Twarga Lab: the SOC reads this port.\n"
         'template(name="TwargaSyslog" type="string" '
         'string="<%PRI%>%TIMESTAMP% %HOSTNAME% %syslogtag%%msg:::sp-if-no-1st-sp%%msg%\\n")\n'
         'auth,authpriv.* action(type="omfile" '

@@ -147,6 +147,9 @@ def test_recipe_is_the_one_the_issue_asks_for():
         assert unit in DEBIAN_12.masked
     cloud_cfg = dict((p, c) for p, _, c in DEBIAN_12.files)["etc/cloud/cloud.cfg.d/90_twarga.cfg"]
     assert "datasource_list: [NoCloud, None]" in cloud_cfg
+    # rsyslog forwards sshd's log from its first start, before cloud-init runs.
+    soc = dict((p, c) for p, _, c in DEBIAN_12.files)["etc/rsyslog.d/10-twarga-soc.conf"]
+    assert 'file="/dev/virtio-ports/org.twarga.syslog.0"' in soc and "auth,authpriv.*" in soc
 
 
 def test_build_then_cached_then_forced(tmp_path, fake_mmdebstrap, sources):
