@@ -50,3 +50,16 @@ export function formatSSH(vm: IVM): string | null {
   }
   return `${vm.ssh_host ?? '127.0.0.1'}:${vm.ssh_port}`;
 }
+
+/** An ISO 8601 time as "2026-01-02 03:04:05" in the browser's time zone (as given if invalid). */
+export function formatTimestamp(iso: string): string {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) {
+    return iso;
+  }
+  const pad = (n: number) => String(n).padStart(2, '0');
+  return (
+    `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} ` +
+    `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`
+  );
+}

@@ -3,13 +3,24 @@ import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { jsonBody, requestAPI, TwargaAPIError } from './handler';
-import { ICreateVM, IImage, IMe, IVM, VMAction } from './types';
+import { ICreateVM, IImage, IMe, IVM, IVMSnapshot, VMAction } from './types';
 
 /** What one poll brings back. */
-interface ISnapshot {
+interface IPollAnswer {
   me: IMe;
   vms: IVM[];
   images: IImage[] | null;
+  /** The watched VM's snapshots (null when none is watched). */
+  snapshots: ISnapshotAnswer | null;
+}
+
+/** The watched VM's snapshots as one poll found them. */
+interface ISnapshotAnswer {
+  vmId: number;
+  /** The list's version when the request went out (a later change wins over it). */
+  version: number;
+  snapshots: IVMSnapshot[] | null;
+  error: string | null;
 }
 
 /**
@@ -17,10 +28,11 @@ interface ISnapshot {
  * until it has them), emits `changed`, and performs the user's actions.
  *
  * Views (side panel, status bar) only render it; they never call the API themselves.
+ * The snapshots of one VM (the one `watchSnapshots` names) are polled as well.
  */
 export class TwargaModel implements IDisposable {
   constructor(options: TwargaModel.IOptions = {}) {
-    this._poll = new Poll<ISnapshot, unknown>({
+    this._poll = new Poll<IPollAnswer, unknown>({
       factory: () => this._fetch(),
       frequency: {
         interval: options.interval ?? 3000,
@@ -103,6 +115,85 @@ export class TwargaModel implements IDisposable {
     void this.refresh();
   }
 
+  /** The VM whose snapshots each poll also fetches, or null. */
+  get watchedVM(): number | null {
+    return this._watched;
+  }
+
+  /**
+   * Poll the snapshots of VM `id` too (null: of no VM) and fetch them now. Resolves
+   * when they are loaded; a failure to list them is kept in `snapshotError`.
+   */
+  async watchSnapshots(id: number | null): Promise<void> {
+    if (id === this._watched) {
+      return;
+    }
+    this._watched = id;
+    this._changed.emit();
+    if (id !== null && !this.isDisposed) {
+      await this.loadSnapshots(id).catch(() => undefined);
+    }
+  }
+
+  /** VM `id`'s snapshots, oldest first, or null until they have been listed. */
+  snapshotsOf(id: number): readonly IVMSnapshot[] | null {
+    return this._snapshots.get(id) ?? null;
+  }
+
+  /** Why VM `id`'s snapshots could not be listed last time, or null. */
+  snapshotError(id: number): string | null {
+    return this._snapshotErrors.get(id) ?? null;
+  }
+
+  /** List VM `id`'s snapshots now; rejects with a `TwargaAPIError`. */
+  async loadSnapshots(id: number): Promise<IVMSnapshot[]> {
+    const version = this._bump(id);
+    try {
+      const snapshots = await requestAPI<IVMSnapshot[]>(Private.snapshots(id));
+      this._setSnapshots(id, version, snapshots, null);
+      return snapshots;
+    } catch (error) {
+      this._setSnapshots(id, version, null, Private.messageOf(error));
+      throw error;
+    }
+  }
+
+  /** Take snapshot `name` of VM `id`; rejects with a `TwargaAPIError`. */
+  async takeSnapshot(id: number, name: string): Promise<IVMSnapshot> {
+    const snapshot = await requestAPI<IVMSnapshot>(
+      Private.snapshots(id),
+      jsonBody('POST', { name })
+    );
+    const known = (this._snapshots.get(id) ?? []).filter(
+      item => item.name !== snapshot.name
+    );
+    this._setSnapshots(id, this._bump(id), [...known, snapshot], null);
+    void this.loadSnapshots(id).catch(() => undefined);
+    return snapshot;
+  }
+
+  /** Revert VM `id` to snapshot `name`; resolves with the VM as it is afterwards. */
+  async revertSnapshot(id: number, name: string): Promise<IVM> {
+    const vm = await requestAPI<IVM>(
+      Private.snapshot(id, name),
+      jsonBody('POST', { action: 'revert' })
+    );
+    this._upsert(vm);
+    void this.refresh();
+    return vm;
+  }
+
+  /** Delete snapshot `name` of VM `id`. */
+  async deleteSnapshot(id: number, name: string): Promise<void> {
+    await requestAPI<void>(Private.snapshot(id, name), { method: 'DELETE' });
+    const known = this._snapshots.get(id);
+    if (known) {
+      const left = known.filter(item => item.name !== name);
+      this._setSnapshots(id, this._bump(id), left, null);
+    }
+    void this.loadSnapshots(id).catch(() => undefined);
+  }
+
   dispose(): void {
     if (this.isDisposed) {
       return;
@@ -111,30 +202,85 @@ export class TwargaModel implements IDisposable {
     Signal.clearData(this);
   }
 
-  private async _fetch(): Promise<ISnapshot> {
+  private async _fetch(): Promise<IPollAnswer> {
     const wantImages = this._images.length === 0;
-    const [me, vms, images] = await Promise.all([
+    const watched = this._watched;
+    const [me, vms, images, snapshots] = await Promise.all([
       requestAPI<IMe>('me'),
       requestAPI<IVM[]>('vms'),
       // A missing image list must not hide the VMs: it is fetched again next time.
       wantImages
         ? requestAPI<IImage[]>('images').catch(() => null)
-        : Promise.resolve(null)
+        : Promise.resolve(null),
+      // Nor may the watched VM's snapshots: their failure is shown with them.
+      watched === null ? Promise.resolve(null) : this._fetchSnapshots(watched)
     ]);
-    return { me, vms, images };
+    return { me, vms, images, snapshots };
   }
 
-  private _onTick(poll: Poll<ISnapshot, unknown>): void {
+  private async _fetchSnapshots(vmId: number): Promise<ISnapshotAnswer> {
+    const version = this._versions.get(vmId) ?? 0;
+    try {
+      const snapshots = await requestAPI<IVMSnapshot[]>(
+        Private.snapshots(vmId)
+      );
+      return { vmId, version, snapshots, error: null };
+    } catch (error) {
+      return {
+        vmId,
+        version,
+        snapshots: null,
+        error: Private.messageOf(error)
+      };
+    }
+  }
+
+  /** A new version of VM `id`'s snapshot list: answers to older requests lose. */
+  private _bump(id: number): number {
+    const version = (this._versions.get(id) ?? 0) + 1;
+    this._versions.set(id, version);
+    return version;
+  }
+
+  /** Apply a list (or why it failed) unless something newer came meanwhile. */
+  private _setSnapshots(
+    id: number,
+    version: number,
+    snapshots: IVMSnapshot[] | null,
+    error: string | null
+  ): boolean {
+    if ((this._versions.get(id) ?? 0) !== version) {
+      return false;
+    }
+    if (snapshots) {
+      this._snapshots.set(id, snapshots);
+      this._snapshotErrors.delete(id);
+    } else {
+      this._snapshotErrors.set(id, error);
+    }
+    this._changed.emit();
+    return true;
+  }
+
+  private _onTick(poll: Poll<IPollAnswer, unknown>): void {
     const { phase, payload } = poll.state;
     // The first answer after a failure comes as 'reconnected': show it at once.
     if ((phase === 'resolved' || phase === 'reconnected') && payload) {
-      const snapshot = payload as ISnapshot;
-      this._me = snapshot.me;
-      this._vms = snapshot.vms;
-      if (snapshot.images) {
-        this._images = snapshot.images;
+      const answer = payload as IPollAnswer;
+      this._me = answer.me;
+      this._vms = answer.vms;
+      if (answer.images) {
+        this._images = answer.images;
       }
       this._serviceError = null;
+      const listed = answer.snapshots;
+      if (listed) {
+        const { vmId, version, snapshots, error } = listed;
+        // Emits `changed` itself when applied.
+        if (this._setSnapshots(vmId, version, snapshots, error)) {
+          return;
+        }
+      }
       this._changed.emit();
     } else if (phase === 'rejected') {
       this._serviceError = Private.describeOutage(payload);
@@ -151,12 +297,16 @@ export class TwargaModel implements IDisposable {
     this._changed.emit();
   }
 
-  private _poll: Poll<ISnapshot, unknown>;
+  private _poll: Poll<IPollAnswer, unknown>;
   private _changed = new Signal<this, void>(this);
   private _me: IMe | null = null;
   private _vms: IVM[] = [];
   private _images: IImage[] = [];
   private _serviceError: string | null = null;
+  private _watched: number | null = null;
+  private _snapshots = new Map<number, IVMSnapshot[]>();
+  private _snapshotErrors = new Map<number, string | null>();
+  private _versions = new Map<number, number>();
 }
 
 export namespace TwargaModel {
@@ -174,6 +324,20 @@ export namespace TwargaModel {
 }
 
 namespace Private {
+  /** The API path of a VM's snapshots. */
+  export function snapshots(vmId: number): string {
+    return `vms/${encodeURIComponent(String(vmId))}/snapshots`;
+  }
+
+  /** The API path of one snapshot. */
+  export function snapshot(vmId: number, name: string): string {
+    return `${snapshots(vmId)}/${encodeURIComponent(name)}`;
+  }
+
+  export function messageOf(error: unknown): string {
+    return error instanceof Error ? error.message : String(error);
+  }
+
   /** A sentence for the panel when a poll failed. */
   export function describeOutage(error: unknown): string {
     if (error instanceof TwargaAPIError) {

@@ -6,18 +6,23 @@ import {
   formatQuota,
   formatSpec,
   formatSSH,
+  formatTimestamp,
   formatUptime
 } from './format';
 import { TwargaAPIError } from './handler';
 import { TwargaModel } from './model';
-import { ICreateVM, IVM, VMAction, VMStatus } from './types';
+import { ICreateVM, IVM, IVMSnapshot, VMAction, VMStatus } from './types';
 
 /** The fields of the create form, in the order they are shown. */
 const CREATE_FIELDS = ['name', 'image', 'ram', 'cpu', 'disk'] as const;
 type CreateField = (typeof CREATE_FIELDS)[number];
 
-/** The buttons of a VM row. `console` is not an API action: it opens a tab. */
-type RowAction = 'start' | 'stop' | 'restart' | 'destroy' | 'console';
+/**
+ * The buttons of a VM row. `console` is not an API action: it opens a tab; `snapshots`
+ * shows (or hides) the VM's snapshots below the list.
+ */
+type RowAction =
+  'start' | 'stop' | 'restart' | 'destroy' | 'console' | 'snapshots';
 const ROW_ACTIONS: { action: RowAction; label: string; title: string }[] = [
   { action: 'start', label: 'Start', title: 'Start the VM' },
   { action: 'stop', label: 'Stop', title: 'Shut the VM down' },
@@ -27,7 +32,20 @@ const ROW_ACTIONS: { action: RowAction; label: string; title: string }[] = [
     action: 'console',
     label: 'Console',
     title: "Open the VM's serial console in a tab"
+  },
+  {
+    action: 'snapshots',
+    label: 'Snapshots',
+    title: "Show the VM's snapshots: take one, revert to one, delete one"
   }
+];
+
+/** The statuses in which a VM's snapshots can be taken, reverted to and deleted. */
+const SNAPSHOT_READY: readonly VMStatus[] = [
+  'running',
+  'paused',
+  'stopped',
+  'error'
 ];
 
 /** Which buttons make sense in which status. */
@@ -44,12 +62,22 @@ const ENABLED: Record<RowAction, readonly VMStatus[]> = {
     'stopped',
     'error'
   ],
-  console: ['running']
+  console: ['running'],
+  snapshots: [
+    'pending',
+    'starting',
+    'running',
+    'paused',
+    'stopping',
+    'stopped',
+    'error'
+  ]
 };
 
 /**
- * The "Twarga Lab" side panel: my credits and quota, my VMs with their buttons, and a
- * form to create one. Renders `TwargaModel`; every change goes through the model.
+ * The "Twarga Lab" side panel: my credits and quota, my VMs with their buttons, the
+ * snapshots of the VM whose "Snapshots" button was pressed, and a form to create a VM.
+ * Renders `TwargaModel`; every change goes through the model.
  */
 export class TwargaPanel extends Widget {
   constructor(options: TwargaPanel.IOptions) {
@@ -82,10 +110,27 @@ export class TwargaPanel extends Widget {
     this._list = list.appendChild(element('div', 'twarga-vm-list'));
     this.node.appendChild(list);
 
+    this._snapshots = new SnapshotSection(this._model, () =>
+      this.selectVM(null)
+    );
+    this.node.appendChild(this._snapshots.node);
+
     this._form = this._buildForm();
     this.node.appendChild(this._form);
 
     this._model.changed.connect(this._render, this);
+    this._render();
+  }
+
+  /** The VM whose snapshots are shown, or null. */
+  get selectedVM(): number | null {
+    return this._snapshots.vmId;
+  }
+
+  /** Show the snapshots of VM `id` (null: hide them). */
+  selectVM(id: number | null): void {
+    this._snapshots.vmId = id;
+    void this._model.watchSnapshots(id);
     this._render();
   }
 
@@ -94,6 +139,9 @@ export class TwargaPanel extends Widget {
       return;
     }
     this._model.changed.disconnect(this._render, this);
+    if (this._model.watchedVM === this._snapshots.vmId) {
+      void this._model.watchSnapshots(null);
+    }
     super.dispose();
   }
 
@@ -122,6 +170,7 @@ export class TwargaPanel extends Widget {
 
     this._renderVMs();
     this._renderImages();
+    this._snapshots.render();
   }
 
   private _renderVMs(): void {
@@ -135,6 +184,7 @@ export class TwargaPanel extends Widget {
         this._rows.set(vm.id, row);
       }
       row.update(vm);
+      row.setSelected(vm.id === this._snapshots.vmId);
       // Keep DOM order equal to the API's order without rebuilding rows (a click in
       // flight on a rebuilt button would be lost).
       if (this._list.children[index] !== row.node) {
@@ -146,6 +196,12 @@ export class TwargaPanel extends Widget {
         row.node.remove();
         this._rows.delete(id);
       }
+    }
+    // A destroyed VM has no snapshots to show (only once the model has a VM list).
+    const selected = this._snapshots.vmId;
+    if (selected !== null && this._model.loaded && !seen.has(selected)) {
+      this._snapshots.vmId = null;
+      void this._model.watchSnapshots(null);
     }
     if (vms.length > 0) {
       this._empty.hidden = true;
@@ -188,6 +244,10 @@ export class TwargaPanel extends Widget {
     const vm = row.vm;
     if (action === 'console') {
       this._openConsole(vm);
+      return;
+    }
+    if (action === 'snapshots') {
+      this.selectVM(this._snapshots.vmId === vm.id ? null : vm.id);
       return;
     }
     if (action === 'destroy') {
@@ -356,6 +416,7 @@ export class TwargaPanel extends Widget {
   private _serviceStatus: HTMLElement;
   private _empty: HTMLElement;
   private _list: HTMLElement;
+  private _snapshots: SnapshotSection;
   private _form: HTMLFormElement;
   private _formError!: HTMLElement;
   private _formStatus!: HTMLElement;
@@ -439,6 +500,14 @@ class VMRow {
     this._error.hidden = !message;
   }
 
+  /** Whether this VM's snapshots are the ones shown. */
+  setSelected(selected: boolean): void {
+    this.node.classList.toggle('twarga-mod-selected', selected);
+    this._buttons
+      .get('snapshots')
+      ?.setAttribute('aria-pressed', String(selected));
+  }
+
   private _refreshButtons(): void {
     for (const [action, button] of this._buttons) {
       button.disabled = this._busy || !ENABLED[action].includes(this.vm.status);
@@ -454,6 +523,351 @@ class VMRow {
   private _error: HTMLElement;
   private _buttons = new Map<RowAction, HTMLButtonElement>();
   private _busy = false;
+}
+
+/**
+ * The snapshots of one VM: a list (name, when taken, state) with Revert and Delete per
+ * snapshot, both confirmed in a dialog, and a form to take one. Errors of the service
+ * show under the list, as the VM rows show theirs.
+ */
+class SnapshotSection {
+  constructor(model: TwargaModel, onClose: () => void) {
+    this._model = model;
+    this.node = element('section', 'twarga-section twarga-snapshots');
+    this.node.setAttribute('aria-label', 'Snapshots');
+    const head = this.node.appendChild(element('div', 'twarga-snapshots-head'));
+    this._title = head.appendChild(element('h3', 'twarga-section-title'));
+    const close = element(
+      'button',
+      'jp-mod-styled twarga-button',
+      'Hide'
+    ) as HTMLButtonElement;
+    close.type = 'button';
+    close.title = 'Hide the snapshots';
+    close.dataset.action = 'hide-snapshots';
+    close.addEventListener('click', () => onClose());
+    head.appendChild(close);
+    this._empty = this.node.appendChild(
+      element('div', 'twarga-empty twarga-snapshots-empty')
+    );
+    this._list = this.node.appendChild(element('div', 'twarga-snapshot-list'));
+
+    const form = element('form', 'twarga-snapshot-take') as HTMLFormElement;
+    form.noValidate = true;
+    this._nameInput = input('text', 'snapshot-name', '', 'before-upgrade');
+    this._nameInput.id = 'twarga-snapshot-name';
+    this._nameInput.classList.add('jp-mod-styled', 'twarga-input');
+    const label = element(
+      'label',
+      'twarga-label',
+      'Snapshot name'
+    ) as HTMLLabelElement;
+    label.htmlFor = this._nameInput.id;
+    this._take = element(
+      'button',
+      'jp-mod-styled jp-mod-accept twarga-button',
+      'Take snapshot'
+    ) as HTMLButtonElement;
+    this._take.type = 'submit';
+    this._take.dataset.action = 'take-snapshot';
+    const row = element('div', 'twarga-snapshot-take-row');
+    row.append(this._nameInput, this._take);
+    form.append(label, row);
+    form.addEventListener('submit', event => {
+      event.preventDefault();
+      void this._takeSnapshot();
+    });
+    this.node.appendChild(form);
+
+    this._error = this.node.appendChild(
+      element('div', 'twarga-snapshots-error')
+    );
+    this._error.setAttribute('role', 'alert');
+    this._error.hidden = true;
+    this._status = this.node.appendChild(
+      element('div', 'twarga-snapshots-status')
+    );
+    this._status.setAttribute('role', 'status');
+    this.node.hidden = true;
+  }
+
+  readonly node: HTMLElement;
+
+  /** The VM whose snapshots are shown, or null (the section is then hidden). */
+  get vmId(): number | null {
+    return this._vmId;
+  }
+  set vmId(id: number | null) {
+    if (id === this._vmId) {
+      return;
+    }
+    this._vmId = id;
+    this._rows.forEach(row => row.node.remove());
+    this._rows.clear();
+    this._showError(null);
+    this._status.textContent = '';
+    this._nameInput.value = '';
+    this._nameInput.removeAttribute('aria-invalid');
+  }
+
+  render(): void {
+    const vm = this._vm();
+    this.node.hidden = vm === null;
+    if (vm === null) {
+      return;
+    }
+    this.node.dataset.vmId = String(vm.id);
+    this.node.dataset.vmName = vm.name;
+    this._title.textContent = `Snapshots of ${vm.name}`;
+    const snapshots = this._model.snapshotsOf(vm.id);
+    const listError = this._model.snapshotError(vm.id);
+    const seen = new Set<string>();
+    (snapshots ?? []).forEach((snapshot, index) => {
+      seen.add(snapshot.name);
+      let row = this._rows.get(snapshot.name);
+      if (!row) {
+        row = new SnapshotRow(
+          snapshot,
+          (action, r) => void this._onAction(action, r)
+        );
+        this._rows.set(snapshot.name, row);
+      }
+      row.update(snapshot);
+      if (this._list.children[index] !== row.node) {
+        this._list.insertBefore(row.node, this._list.children[index] ?? null);
+      }
+    });
+    for (const [name, row] of this._rows) {
+      if (!seen.has(name)) {
+        row.node.remove();
+        this._rows.delete(name);
+      }
+    }
+    if (snapshots && snapshots.length > 0 && !listError) {
+      this._empty.hidden = true;
+    } else {
+      this._empty.hidden = false;
+      this._empty.textContent = listError
+        ? `The snapshots cannot be listed: ${listError}`
+        : snapshots
+          ? 'No snapshots yet: take one below.'
+          : 'Loading…';
+    }
+    this._ready = SNAPSHOT_READY.includes(vm.status);
+    this._refreshButtons();
+  }
+
+  private _vm(): IVM | null {
+    const id = this._vmId;
+    return id === null
+      ? null
+      : (this._model.vms.find(vm => vm.id === id) ?? null);
+  }
+
+  private _refreshButtons(): void {
+    const title = this._ready ? '' : 'Wait until the VM is running or stopped';
+    this._take.disabled = this._busy || !this._ready;
+    this._take.title = title || 'Take a snapshot of the disk (and memory)';
+    for (const row of this._rows.values()) {
+      row.setEnabled(!this._busy && this._ready, title);
+    }
+  }
+
+  private _setBusy(busy: boolean): void {
+    this._busy = busy;
+    this.node.classList.toggle('twarga-mod-busy', busy);
+    this._refreshButtons();
+  }
+
+  private _showError(message: string | null): void {
+    this._error.textContent = message ?? '';
+    this._error.hidden = !message;
+  }
+
+  private async _takeSnapshot(): Promise<void> {
+    const vm = this._vm();
+    if (!vm) {
+      return;
+    }
+    this._showError(null);
+    this._status.textContent = '';
+    const name = this._nameInput.value.trim();
+    if (!name) {
+      this._nameInput.setAttribute('aria-invalid', 'true');
+      this._showError('Give the snapshot a name, e.g. before-upgrade.');
+      this._nameInput.focus();
+      return;
+    }
+    this._nameInput.removeAttribute('aria-invalid');
+    this._setBusy(true);
+    this._take.textContent = 'Taking…';
+    try {
+      const snapshot = await this._model.takeSnapshot(vm.id, name);
+      if (this._vmId === vm.id) {
+        this._status.textContent = `Snapshot ${snapshot.name} of ${vm.name} was taken.`;
+        this._nameInput.value = '';
+      }
+    } catch (error) {
+      if (this._vmId === vm.id) {
+        this._nameInput.setAttribute('aria-invalid', 'true');
+        this._showError(messageOf(error));
+      }
+    } finally {
+      this._take.textContent = 'Take snapshot';
+      this._setBusy(false);
+    }
+  }
+
+  private async _onAction(
+    action: SnapshotAction,
+    row: SnapshotRow
+  ): Promise<void> {
+    const vm = this._vm();
+    if (!vm) {
+      return;
+    }
+    const name = row.snapshot.name;
+    const answer = await showDialog(
+      action === 'revert'
+        ? {
+            title: `Revert ${vm.name} to ${name}?`,
+            body:
+              `${vm.name} goes back to snapshot "${name}" ` +
+              `(${describeState(row.snapshot.state)}). ` +
+              'What changed on it since then is lost.',
+            buttons: [
+              Dialog.cancelButton(),
+              Dialog.warnButton({ label: 'Revert' })
+            ]
+          }
+        : {
+            title: `Delete snapshot ${name}?`,
+            body: `This deletes snapshot "${name}" of ${vm.name}. It cannot be undone.`,
+            buttons: [
+              Dialog.cancelButton(),
+              Dialog.warnButton({ label: 'Delete' })
+            ]
+          }
+    );
+    if (!answer.button.accept || this._vmId !== vm.id) {
+      return;
+    }
+    this._showError(null);
+    this._status.textContent = '';
+    this._setBusy(true);
+    try {
+      if (action === 'revert') {
+        const after = await this._model.revertSnapshot(vm.id, name);
+        this._status.textContent = `${after.name} was reverted to ${name}: it is ${after.status}.`;
+      } else {
+        await this._model.deleteSnapshot(vm.id, name);
+        this._status.textContent = `Snapshot ${name} of ${vm.name} was deleted.`;
+      }
+    } catch (error) {
+      if (this._vmId === vm.id) {
+        this._showError(messageOf(error));
+      }
+    } finally {
+      this._setBusy(false);
+    }
+  }
+
+  private _model: TwargaModel;
+  private _vmId: number | null = null;
+  private _title: HTMLElement;
+  private _empty: HTMLElement;
+  private _list: HTMLElement;
+  private _nameInput: HTMLInputElement;
+  private _take: HTMLButtonElement;
+  private _error: HTMLElement;
+  private _status: HTMLElement;
+  private _rows = new Map<string, SnapshotRow>();
+  private _busy = false;
+  private _ready = false;
+}
+
+type SnapshotAction = 'revert' | 'delete';
+
+/** One snapshot in the list, built once and updated in place. */
+class SnapshotRow {
+  constructor(
+    snapshot: IVMSnapshot,
+    onAction: (action: SnapshotAction, row: SnapshotRow) => void
+  ) {
+    this.snapshot = snapshot;
+    this.node = element('div', 'twarga-snapshot');
+    const head = this.node.appendChild(element('div', 'twarga-snapshot-head'));
+    this._name = head.appendChild(element('span', 'twarga-snapshot-name'));
+    this._state = head.appendChild(element('span', 'twarga-snapshot-state'));
+    this._created = this.node.appendChild(
+      element('div', 'twarga-snapshot-created')
+    );
+    const actions = this.node.appendChild(
+      element('div', 'twarga-snapshot-actions')
+    );
+    const specs: { action: SnapshotAction; label: string; classes: string }[] =
+      [
+        {
+          action: 'revert',
+          label: 'Revert',
+          classes: 'jp-mod-styled twarga-button'
+        },
+        {
+          action: 'delete',
+          label: 'Delete',
+          classes: 'jp-mod-styled jp-mod-warn twarga-button'
+        }
+      ];
+    for (const { action, label, classes } of specs) {
+      const button = element('button', classes, label) as HTMLButtonElement;
+      button.type = 'button';
+      button.dataset.action = `${action}-snapshot`;
+      button.addEventListener('click', () => onAction(action, this));
+      actions.appendChild(button);
+      this._buttons.set(action, button);
+    }
+  }
+
+  readonly node: HTMLElement;
+  snapshot: IVMSnapshot;
+
+  update(snapshot: IVMSnapshot): void {
+    this.snapshot = snapshot;
+    this.node.dataset.snapshotName = snapshot.name;
+    this.node.dataset.state = snapshot.state;
+    this._name.textContent = snapshot.name;
+    this._state.textContent = snapshot.state;
+    this._state.title = describeState(snapshot.state);
+    this._created.textContent = `taken ${formatTimestamp(snapshot.created_at)}`;
+    this._created.title = snapshot.created_at;
+  }
+
+  setEnabled(enabled: boolean, why: string): void {
+    for (const [action, button] of this._buttons) {
+      button.disabled = !enabled;
+      button.title =
+        why ||
+        (action === 'revert'
+          ? `Go back to ${this.snapshot.name}`
+          : `Delete ${this.snapshot.name}`);
+    }
+  }
+
+  private _name: HTMLElement;
+  private _state: HTMLElement;
+  private _created: HTMLElement;
+  private _buttons = new Map<SnapshotAction, HTMLButtonElement>();
+}
+
+/** What a snapshot's state means for a revert. */
+function describeState(state: string): string {
+  if (state === 'running') {
+    return 'taken while it ran: disk and memory, the VM runs after a revert';
+  }
+  if (state === 'shutoff') {
+    return 'taken while it was stopped: the disk only, the VM is stopped after a revert';
+  }
+  return `taken while it was ${state}`;
 }
 
 function element(tag: string, className: string, text?: string): HTMLElement {

@@ -71,3 +71,12 @@ export interface ICreateVM {
   cpu?: number;
   disk?: number;
 }
+
+/** A VM snapshot, as `GET twarga/api/vms/{id}/snapshots` lists them (oldest first). */
+export interface IVMSnapshot {
+  name: string;
+  /** When it was taken (ISO 8601, UTC). */
+  created_at: string;
+  /** The VM's libvirt state when it was taken: `running` (with memory) or `shutoff`. */
+  state: string;
+}

@@ -1,11 +1,11 @@
 /**
  * TwargaModel against a fake Twarga API: `requestAPI` is replaced by a router that
- * answers `me`, `vms`, `images` and the actions from in-memory state, and the poll's
- * timers are jest's fake timers.
+ * answers `me`, `vms`, `images`, the actions and the snapshots from in-memory state, and
+ * the poll's timers are jest's fake timers.
  */
 import { requestAPI, TwargaAPIError } from '../handler';
 import { TwargaModel } from '../model';
-import { IImage, IMe, IVM } from '../types';
+import { IImage, IMe, IVM, IVMSnapshot } from '../types';
 
 jest.mock('../handler', () => {
   const actual = jest.requireActual('../handler');
@@ -67,6 +67,12 @@ class FakeServer {
   imagesError: unknown = null;
   /** Thrown for `POST vms` while set. */
   createError: unknown = null;
+  /** Each VM's snapshots, oldest first. */
+  snapshots = new Map<number, IVMSnapshot[]>();
+  /** Thrown for every snapshot request while set. */
+  snapshotError: unknown = null;
+  /** Resolves a snapshot list while set: the answer is held back until the test says. */
+  holdList: Promise<void> | null = null;
   calls: { path: string; method: string; body: unknown; at: number }[] = [];
 
   last(): FakeServer['calls'][number] {
@@ -114,6 +120,15 @@ class FakeServer {
       );
       return this.vms.find(item => item.id === id);
     }
+    const snapshots = /^vms\/(\d+)\/snapshots(?:\/([^/]+))?$/.exec(path);
+    if (snapshots) {
+      return this.snapshot(
+        Number(snapshots[1]),
+        snapshots[2] === undefined ? null : decodeURIComponent(snapshots[2]),
+        method,
+        body
+      );
+    }
     const one = /^vms\/(\d+)$/.exec(path);
     if (one && method === 'DELETE') {
       this.vms = this.vms.filter(item => item.id !== Number(one[1]));
@@ -121,6 +136,72 @@ class FakeServer {
     }
     throw new TwargaAPIError(`no route ${method} ${path}`, 404, 'not_found');
   }
+
+  private async snapshot(
+    id: number,
+    name: string | null,
+    method: string,
+    body: any
+  ): Promise<unknown> {
+    const found = this.vms.find(item => item.id === id);
+    if (!found) {
+      throw new TwargaAPIError(`no VM ${id}`, 404, 'no_vm');
+    }
+    if (this.snapshotError) {
+      throw this.snapshotError;
+    }
+    const list = this.snapshots.get(id) ?? [];
+    if (name === null && method === 'GET') {
+      const answer = [...list];
+      if (this.holdList) {
+        await this.holdList;
+      }
+      return answer;
+    }
+    if (name === null && method === 'POST') {
+      if (list.some(item => item.name === body.name)) {
+        throw new TwargaAPIError(
+          `VM ${found.name} already has a snapshot ${body.name}`,
+          409,
+          'duplicate_name'
+        );
+      }
+      const taken: IVMSnapshot = {
+        name: body.name,
+        created_at: '2026-01-02T03:04:05+00:00',
+        state: found.status === 'running' ? 'running' : 'shutoff'
+      };
+      this.snapshots.set(id, [...list, taken]);
+      return taken;
+    }
+    const known = list.find(item => item.name === name);
+    if (!known) {
+      throw new TwargaAPIError(
+        `VM ${found.name} has no snapshot ${name}`,
+        404,
+        'no_snapshot'
+      );
+    }
+    if (method === 'POST' && body.action === 'revert') {
+      const status = known.state === 'running' ? 'running' : 'stopped';
+      this.vms = this.vms.map(item =>
+        item.id === id ? { ...item, status } : item
+      );
+      return this.vms.find(item => item.id === id);
+    }
+    if (method === 'DELETE') {
+      this.snapshots.set(
+        id,
+        list.filter(item => item.name !== name)
+      );
+      return undefined;
+    }
+    throw new TwargaAPIError(`no route ${method} snapshot`, 404, 'not_found');
+  }
+}
+
+function taken(name: string, state = 'running'): IVMSnapshot {
+  return { name, created_at: '2026-01-01T00:00:00+00:00', state };
 }
 
 let server: FakeServer;
@@ -386,5 +467,172 @@ describe('TwargaModel actions', () => {
     });
     await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
     expect(model.vms.map(item => item.name)).toEqual(['db-1']);
+  });
+});
+
+describe('TwargaModel snapshots', () => {
+  it("lists the watched VM's snapshots at once and on every poll", async () => {
+    server.vms = [vm(1, 'web-1'), vm(2, 'db-1')];
+    server.snapshots.set(1, [taken('s1')]);
+    const model = newModel();
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+    expect(server.count('vms/1/snapshots')).toBe(0);
+    expect(model.snapshotsOf(1)).toBeNull();
+
+    await model.watchSnapshots(1);
+    expect(model.watchedVM).toBe(1);
+    expect(model.snapshotsOf(1)?.map(s => s.name)).toEqual(['s1']);
+    expect(server.count('vms/1/snapshots')).toBe(1);
+
+    // Taken elsewhere (a notebook): the next poll shows it.
+    server.snapshots.set(1, [taken('s1'), taken('s2', 'shutoff')]);
+    await jest.advanceTimersByTimeAsync(INTERVAL);
+    expect(model.snapshotsOf(1)?.map(s => [s.name, s.state])).toEqual([
+      ['s1', 'running'],
+      ['s2', 'shutoff']
+    ]);
+    expect(server.count('vms/2/snapshots')).toBe(0);
+
+    await model.watchSnapshots(null);
+    const asked = server.count('vms/1/snapshots');
+    await jest.advanceTimersByTimeAsync(2 * INTERVAL);
+    expect(server.count('vms/1/snapshots')).toBe(asked);
+  });
+
+  it('takes a snapshot: it is listed at once, then as the server has it', async () => {
+    server.vms = [vm(1, 'web-1')];
+    const model = newModel();
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+    await model.watchSnapshots(1);
+    expect(model.snapshotsOf(1)).toEqual([]);
+    const seen = changes(model);
+
+    const snapshot = await model.takeSnapshot(1, 'before-upgrade');
+
+    expect(snapshot).toMatchObject({
+      name: 'before-upgrade',
+      state: 'running'
+    });
+    expect(
+      server.calls.find(
+        call => call.method === 'POST' && call.path === 'vms/1/snapshots'
+      )
+    ).toMatchObject({ body: { name: 'before-upgrade' } });
+    expect(model.snapshotsOf(1)?.map(s => s.name)).toEqual(['before-upgrade']);
+    expect(seen.count).toBeGreaterThanOrEqual(1);
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+    expect(model.snapshotsOf(1)?.map(s => s.created_at)).toEqual([
+      '2026-01-02T03:04:05+00:00'
+    ]);
+  });
+
+  it('passes a refusal on with its reason and keeps the list', async () => {
+    server.vms = [vm(1, 'web-1')];
+    server.snapshots.set(1, [taken('s1')]);
+    const model = newModel();
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+    await model.watchSnapshots(1);
+
+    const refused = model.takeSnapshot(1, 's1');
+    await expect(refused).rejects.toBeInstanceOf(TwargaAPIError);
+    await expect(refused).rejects.toMatchObject({
+      status: 409,
+      reason: 'duplicate_name',
+      message: 'VM web-1 already has a snapshot s1'
+    });
+    await expect(model.deleteSnapshot(1, 'nope')).rejects.toMatchObject({
+      status: 404,
+      reason: 'no_snapshot'
+    });
+    await expect(model.revertSnapshot(1, 'nope')).rejects.toMatchObject({
+      status: 404,
+      reason: 'no_snapshot'
+    });
+    expect(model.snapshotsOf(1)?.map(s => s.name)).toEqual(['s1']);
+    expect(model.serviceError).toBeNull();
+  });
+
+  it('reverts a VM to a snapshot and updates the VM in place', async () => {
+    server.vms = [vm(1, 'web-1', 'running')];
+    server.snapshots.set(1, [taken('cold', 'shutoff')]);
+    const model = newModel();
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+
+    const reverted = await model.revertSnapshot(1, 'cold');
+
+    expect(reverted.status).toBe('stopped');
+    expect(server.last()).toMatchObject({
+      path: 'vms/1/snapshots/cold',
+      method: 'POST',
+      body: { action: 'revert' }
+    });
+    expect(model.vms.map(item => item.status)).toEqual(['stopped']);
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+    expect(model.vms.map(item => item.status)).toEqual(['stopped']);
+  });
+
+  it('deletes a snapshot and encodes its name in the path', async () => {
+    server.vms = [vm(1, 'web-1')];
+    server.snapshots.set(1, [taken('a b'), taken('s2')]);
+    const model = newModel();
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+    await model.watchSnapshots(1);
+
+    await model.deleteSnapshot(1, 'a b');
+
+    expect(server.calls.find(call => call.method === 'DELETE')?.path).toBe(
+      'vms/1/snapshots/a%20b'
+    );
+    expect(model.snapshotsOf(1)?.map(s => s.name)).toEqual(['s2']);
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+    expect(model.snapshotsOf(1)?.map(s => s.name)).toEqual(['s2']);
+  });
+
+  it('keeps why the list failed, without calling the service down', async () => {
+    server.vms = [vm(1, 'web-1', 'pending')];
+    server.snapshotError = new TwargaAPIError(
+      'VM web-1 is still being created',
+      409,
+      'vm_pending'
+    );
+    const model = newModel();
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+
+    await model.watchSnapshots(1);
+    expect(model.snapshotsOf(1)).toBeNull();
+    expect(model.snapshotError(1)).toBe('VM web-1 is still being created');
+    await jest.advanceTimersByTimeAsync(INTERVAL);
+    expect(model.serviceError).toBeNull();
+    expect(model.vms.map(item => item.name)).toEqual(['web-1']);
+
+    server.snapshotError = null;
+    server.snapshots.set(1, [taken('s1')]);
+    await jest.advanceTimersByTimeAsync(INTERVAL);
+    expect(model.snapshotError(1)).toBeNull();
+    expect(model.snapshotsOf(1)?.map(s => s.name)).toEqual(['s1']);
+  });
+
+  it('does not let a poll that was in flight undo a change', async () => {
+    server.vms = [vm(1, 'web-1')];
+    const model = newModel();
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+    await model.watchSnapshots(1);
+
+    // A poll asks for the list (empty) and its answer is held back ...
+    let release: () => void = () => undefined;
+    server.holdList = new Promise<void>(resolve => {
+      release = resolve;
+    });
+    await jest.advanceTimersByTimeAsync(INTERVAL);
+    const polls = server.count('vms/1/snapshots');
+    // ... while a snapshot is taken (its own reload is held back too).
+    await model.takeSnapshot(1, 's1');
+    expect(model.snapshotsOf(1)?.map(s => s.name)).toEqual(['s1']);
+
+    server.holdList = null;
+    release();
+    await jest.advanceTimersByTimeAsync(FIRST_TICK_MS);
+    expect(server.count('vms/1/snapshots')).toBeGreaterThan(polls);
+    expect(model.snapshotsOf(1)?.map(s => s.name)).toEqual(['s1']);
   });
 });
