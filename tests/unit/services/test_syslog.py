@@ -1,14 +1,25 @@
 """Pieces of the syslog receiver that need no server: addresses, line splitting, the
 per-source budgets and queues that keep a flooding source from flooding the database or
-starving the others, and which senders may speak for a VM."""
+starving the others, and which senders may speak for a VM; then the ingest's consumer
+recording into a real SOC service on SQLite."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
+from sqlalchemy import select
+
+from twarga_lab.db import Database
+from twarga_lab.db.models import VM, Event, User, VMStatus
+from twarga_lab.services.soc import SocService
 from twarga_lab.services.syslog import (
     Origin,
     SyslogIngest,
+    TokenBucket,
     TrustedSources,
     parse_address,
     split_lines,
@@ -133,3 +144,128 @@ def test_network_senders_changing_addresses_share_one_bounded_allowance():
     guest = Origin("virtio", vm_id=3)
     ingest.feed(guest, b"still heard")
     assert (guest, b"still heard") in ingest._take()
+
+
+def test_a_token_bucket_gives_its_burst_then_its_rate():
+    bucket = TokenBucket(rate=2.0, burst=3.0)
+    start = bucket.stamp
+    assert [bucket.take(start) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(start + 0.25) is False  # half a token
+    assert bucket.take(start + 0.5) is True
+    assert [bucket.take(start + 100) for _ in range(4)] == [True, True, True, False]  # capped
+
+
+def test_a_full_queue_drops_and_lines_leave_in_order():
+    ingest = SyslogIngest(FakeSoc(), queue_size=3, rate=1e9, burst=1e9)  # type: ignore[arg-type]
+    sender = Origin("udp", peer="127.0.0.9")
+    for i in range(5):
+        ingest.feed(sender, b"line %d" % i)
+    assert ingest.queued == 3 and ingest.dropped == {"virtio": 0, "network": 2}
+    assert [line for _, line in ingest._take()] == [b"line 0", b"line 1", b"line 2"]
+    assert ingest.queued == 0 and ingest._take() == []
+    ingest.feed(sender, b"line 5")  # room again
+    assert [line for _, line in ingest._take()] == [b"line 5"]
+
+
+def test_a_flood_that_calms_down_and_starts_again_is_a_second_notice():
+    ingest = SyslogIngest(FakeSoc(), guest_rate=1e-9, guest_burst=1, flood_quiet=10.0)  # type: ignore[arg-type]
+    guest = Origin("virtio", vm_id=4)
+    for _ in range(50):
+        ingest.feed(guest, b"x")
+    assert ingest.floods == 1 and len(ingest._notices) == 1
+    ingest._end_quiet_bursts(time.monotonic() + 5)  # still within the quiet time
+    ingest.feed(guest, b"x")
+    assert ingest.floods == 1
+    ingest._end_quiet_bursts(time.monotonic() + 11)
+    ingest.feed(guest, b"x")
+    assert ingest.floods == 2 and [n.vm_id for n in ingest._notices] == [4, 4]
+    assert ingest.dropped["virtio"] == 51
+
+
+def test_idle_network_senders_are_forgotten_but_guests_are_not():
+    ingest = SyslogIngest(FakeSoc())  # type: ignore[arg-type]
+    ingest.feed(Origin("udp", peer="127.0.0.5"), b"x")
+    ingest.feed(Origin("virtio", vm_id=2), b"x")
+    ingest._take()
+    ingest._end_quiet_bursts(time.monotonic() + 61)
+    assert list(ingest._sources) == [("virtio", 2)]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'syslog.db'}").open()
+    yield database
+    database.dispose()
+
+
+def add_vm(db: Database) -> int:
+    with db.session() as session:
+        alice = User(name="alice")
+        session.add(alice)
+        session.flush()
+        vm = VM(
+            owner_id=alice.id, name="web", domain_name="twarga-1-web", image="twarga/tiny",
+            os_type="linux", ram_mb=256, cpu=1, disk_gb=1, status=VMStatus.running,
+        )  # fmt: skip
+        session.add(vm)
+        session.flush()
+        return vm.id
+
+
+def events(db: Database) -> list[Event]:
+    with db.session() as session:
+        return list(session.scalars(select(Event).order_by(Event.id)))
+
+
+FAILED = b"<38>Mar  1 12:00:00 web sshd[%d]: Failed password for root from 203.0.113.5 port %d ssh2"
+
+
+async def test_the_consumer_records_guest_ssh_lines_and_flood_notices(db):
+    vm_id = add_vm(db)
+    ingest = SyslogIngest(SocService(db), guest_rate=1e-9, guest_burst=3)
+    ingest.start()
+    guest = Origin("virtio", vm_id=vm_id)
+    ingest.feed(guest, b"<30>Mar  1 12:00:00 web kernel: not ssh")
+    ingest.feed(guest, FAILED % (10, 40001))
+    ingest.feed(guest, FAILED % (11, 40002))
+    ingest.feed(guest, FAILED % (12, 40003))  # over the burst: dropped, one notice
+    deadline = time.monotonic() + 10
+    while ingest.recorded < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await ingest.stop()
+    recorded = events(db)
+    assert ingest.recorded == 3
+    assert sorted(e.details["action"] for e in recorded) == [
+        "ssh_failed",
+        "ssh_failed",
+        "syslog_flood",
+    ]
+    failed = [e for e in recorded if e.details["action"] == "ssh_failed"]
+    assert {(e.vm_id, e.user_name, e.source) for e in failed} == {(vm_id, "alice", "203.0.113.5")}
+    assert [e.details["client_port"] for e in failed] == [40001, 40002]
+
+
+async def test_stopping_records_what_is_queued(db):
+    vm_id = add_vm(db)
+    ingest = SyslogIngest(SocService(db))
+    for i in range(3):
+        ingest.feed(Origin("virtio", vm_id=vm_id), FAILED % (20 + i, 41000 + i))
+    ingest.start()
+    await ingest.stop()
+    assert ingest.queued == 0 and len(events(db)) == 3
+
+
+async def test_untrusted_network_ssh_lines_are_rate_limited_system_events(db):
+    add_vm(db)
+    ingest = SyslogIngest(SocService(db), unattributed_rate=1e-9, unattributed_burst=2)
+    for i in range(5):
+        ingest.feed(Origin("udp", peer="127.0.0.7"), FAILED % (30 + i, 42000 + i))
+    ingest.start()
+    await ingest.stop()
+    recorded = events(db)
+    assert [(e.type, e.details["action"]) for e in recorded] == [
+        ("system", "syslog_unattributed"),
+        ("system", "syslog_unattributed"),
+    ]
+    assert all(e.vm_id is None for e in recorded)
+    assert ingest.unattributed_dropped == 3
