@@ -17,7 +17,6 @@ from sqlalchemy.engine import make_url
 from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, default, observe, validate
 
 from twarga_lab.db import Database
-from twarga_lab.errors import ValidationFailed
 from twarga_lab.handlers import ROUTES
 from twarga_lab.handlers.proxy import PROXY_ROUTES, ProxyTarget
 from twarga_lab.services import Identity
@@ -44,16 +43,6 @@ from twarga_lab.virt.libvirt_backend import LibvirtBackend
 from twarga_lab.virt.probe import resolve_domain_type
 
 T = TypeVar("T")
-# A 16384-bit RSA key is about 2,800 characters; nothing real comes near this.
-MAX_SSH_KEY_CHARS = 8192
-SSH_KEY_TYPES = (
-    "ssh-ed25519",
-    "ssh-rsa",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com",
-)
 
 
 def absolute_path(value: str) -> str:
@@ -121,27 +110,6 @@ class Services:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking service call in a worker thread."""
         return await asyncio.to_thread(fn, *args)
-
-    @staticmethod
-    def validate_ssh_key(key: str | None) -> str | None:
-        """One OpenSSH public key line, or None to remove it."""
-        if key is None or not key.strip():
-            return None
-        words = key.strip().split()
-        if len(key) > MAX_SSH_KEY_CHARS:
-            raise ValidationFailed(
-                f"ssh_public_key may be at most {MAX_SSH_KEY_CHARS} characters",
-                field="ssh_public_key",
-                reason="ssh_key_too_long",
-            )
-        if len(words) < 2 or words[0] not in SSH_KEY_TYPES or "\n" in key.strip():
-            raise ValidationFailed(
-                "ssh_public_key must be one OpenSSH public key line such as "
-                "'ssh-ed25519 AAAA... me@laptop'",
-                field="ssh_public_key",
-                reason="invalid_ssh_key",
-            )
-        return " ".join(words)
 
 
 class TwargaLabApp(ExtensionApp):

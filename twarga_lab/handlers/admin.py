@@ -9,13 +9,7 @@ from tornado import web
 
 from twarga_lab.errors import Forbidden
 from twarga_lab.handlers.base import TwargaAPIHandler
-
-QUOTA_TYPES: dict[str, type | tuple[type, ...]] = {
-    "max_vms": (int, type(None)),
-    "max_ram_mb": (int, type(None)),
-    "max_cpu": (int, type(None)),
-    "max_disk_gb": (int, type(None)),
-}
+from twarga_lab.schemas import GrantCredits, SetQuota
 
 
 class AdminHandler(TwargaAPIHandler):
@@ -44,13 +38,9 @@ class AdminCreditsHandler(AdminHandler):
     @web.authenticated
     @authorized
     async def post(self, name: str) -> None:
-        body = self.read_json(
-            {"amount": (int, float), "reason": str}, required=("amount", "reason")
-        )
+        request = GrantCredits.from_body(self.json_body())
         credits = self.services.credits
-        balance = await self.services.run(
-            credits.grant, self.identity, unquote(name), body["amount"], body["reason"]
-        )
+        balance = await self.services.run(credits.grant, self.identity, unquote(name), request)
         self.write_json({"name": unquote(name), "new_balance": balance})
 
 
@@ -58,10 +48,10 @@ class AdminQuotaHandler(AdminHandler):
     @web.authenticated
     @authorized
     async def patch(self, name: str) -> None:
-        body = self.read_json(QUOTA_TYPES)
+        request = SetQuota.from_body(self.json_body())
         credits = self.services.credits
         self.write_json(
-            await self.services.run(credits.set_quota, self.identity, unquote(name), body)
+            await self.services.run(credits.set_quota, self.identity, unquote(name), request)
         )
 
 

@@ -16,46 +16,11 @@ from twarga_lab.errors import (
     TwargaError,
     Unauthorized,
 )
+from twarga_lab.schemas import Request, check_types
 from twarga_lab.services import Identity
 
 if TYPE_CHECKING:  # app imports the handlers: a runtime import would be a circle
     from twarga_lab.app import Services
-
-# JSON types by name, for exact 400 messages ("'ram' must be an integer").
-_TYPE_NAMES: dict[type, str] = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "a boolean",
-    dict: "an object",
-    list: "an array",
-}
-
-
-def check_body(
-    body: Any, types: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Check a decoded JSON body against a key -> type map; InvalidRequest (400) if not."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object", "bad_body")
-    unknown = sorted(set(body) - set(types))
-    if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]!r}", "unknown_field")
-    for key in required:
-        if key not in body:
-            raise InvalidRequest(f"{key!r} is required", "missing_field")
-    for key, value in body.items():
-        expected = types[key]
-        options = expected if isinstance(expected, tuple) else (expected,)
-        # bool is an int in Python, never in a JSON API.
-        ok = isinstance(value, options) and not (isinstance(value, bool) and bool not in options)
-        if int in options and isinstance(value, float) and float not in options:
-            ok = False
-        if not ok:
-            names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in options)
-            raise InvalidRequest(f"{key!r} must be {names}", "bad_type")
-    return body
-
 
 # Query parameters whose values never reach a log line.
 _SECRET_PARAMS = re.compile(r"(?i)([?&](?:token|_xsrf|access_token)=)[^&#]*")
@@ -107,19 +72,27 @@ class TwargaAPIHandler(ScrubbedLogMixin, ExtensionHandlerMixin, APIHandler):
         assert self._identity is not None, "identity is resolved in prepare()"
         return self._identity
 
+    def json_body(self) -> Any:
+        """The request's decoded JSON body (``{}`` when empty), for a schema's
+        ``from_body``; 400 ``bad_json`` when it is not JSON."""
+        raw = self.request.body
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise InvalidRequest("the request body is not valid JSON", "bad_json") from None
+
     def read_json(
         self, types: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = ()
     ) -> dict[str, Any]:
         """The request's JSON body, checked against ``types``."""
-        raw = self.request.body
-        if not raw:
-            body: Any = {}
-        else:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                raise InvalidRequest("the request body is not valid JSON", "bad_json") from None
-        return check_body(body, types, required)
+        return check_types(self.json_body(), types, required)
+
+    def query_args(self, schema: type[Request]) -> dict[str, str | None]:
+        """The query arguments ``schema`` reads (its fields and the seed's aliases), each
+        its last value or None, for the schema's ``from_query``."""
+        return {name: self.get_argument(name, None) for name in schema.wire_names()}
 
     def write_json(self, data: Any, status: int = 200) -> None:
         """Finish with ``data`` as JSON."""

@@ -6,6 +6,7 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 
 from twarga_lab.handlers.base import TwargaAPIHandler
+from twarga_lab.schemas import SetSSHKey
 
 
 class MeHandler(TwargaAPIHandler):
@@ -17,10 +18,9 @@ class MeHandler(TwargaAPIHandler):
     @web.authenticated
     @authorized
     async def patch(self) -> None:
-        body = self.read_json({"ssh_public_key": (str, type(None))}, required=("ssh_public_key",))
-        key = self.services.validate_ssh_key(body["ssh_public_key"])
+        request = SetSSHKey.from_body(self.json_body())
         users = self.services.users
-        self.write_json(await self.services.run(users.set_ssh_key, self.identity, key))
+        self.write_json(await self.services.run(users.set_ssh_key, self.identity, request))
 
 
 default_handlers = [(r"/twarga/api/me", MeHandler)]

@@ -12,20 +12,8 @@ from tornado import web
 
 from twarga_lab.errors import Forbidden
 from twarga_lab.handlers.base import TwargaAPIHandler
-from twarga_lab.services.metrics import clock, parse_history_query
-
-# Ours, then the seed's (Twarga Cloud's) vocabulary: metric_type, hours, vm_id.
-HISTORY_ARGUMENTS = (
-    "entity",
-    "id",
-    "metric",
-    "since",
-    "until",
-    "step",
-    "metric_type",
-    "hours",
-    "vm_id",
-)
+from twarga_lab.schemas import HistoryQuery
+from twarga_lab.services.metrics import clock
 
 
 class HostMetricsHandler(TwargaAPIHandler):
@@ -48,8 +36,10 @@ class MetricsHistoryHandler(TwargaAPIHandler):
     @authorized
     async def get(self) -> None:
         metrics = self.services.metrics
-        arguments = {name: self.get_argument(name, None) for name in HISTORY_ARGUMENTS}
-        query = parse_history_query(arguments, clock(), metrics.max_window())
+        # The seed's (Twarga Cloud's) names too: metric_type, hours, vm_id.
+        query = HistoryQuery.from_query(
+            self.query_args(HistoryQuery), now=clock(), max_window=metrics.max_window()
+        )
         if query.entity == "vm":
             await self.services.vms.get(self.identity, query.entity_id)  # someone else's: 404
         self.write_json(await self.services.run(metrics.history, query))

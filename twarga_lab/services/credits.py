@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -33,6 +33,9 @@ from twarga_lab.services.users import (
     lock_user,
     usage_by_user,
 )
+
+if TYPE_CHECKING:
+    from twarga_lab.schemas import GrantCredits, SetQuota
 
 log = logging.getLogger(__name__)
 QUOTA_FIELDS = ("max_vms", "max_ram_mb", "max_cpu", "max_disk_gb")
@@ -159,15 +162,9 @@ class CreditService:
             user_id = self.users.ensure(name)
         return user_id
 
-    def grant(self, actor: Identity, name: str, amount: float, reason: str) -> float:
+    def grant(self, actor: Identity, name: str, request: GrantCredits) -> float:
         """Add (or, negative, take) credits; returns the new balance."""
-        if not reason.strip():
-            raise ValidationFailed("a reason is required", field="reason", reason="missing_reason")
-        amount_milli = round(amount * MILLI)
-        if amount_milli == 0 or not math.isfinite(amount):
-            raise ValidationFailed(
-                "amount must be a non-zero number", field="amount", reason="invalid_amount"
-            )
+        amount, amount_milli, reason = request.amount, request.amount_milli, request.reason
         user_id = self._user_id(name)
         with self.db.session() as session:
             lock_user(session, user_id)
@@ -179,21 +176,19 @@ class CreditService:
                     field="amount",
                     reason="insufficient_credits",
                 )
-            entry = add_credit_entry(session, user_id, amount_milli, reason.strip(), actor.name)
+            entry = add_credit_entry(session, user_id, amount_milli, reason, actor.name)
             record_event(
                 session, EventType.system, Severity.info,
                 f"{actor.name} {'granted' if amount > 0 else 'took'} {abs(amount):g} credits "
-                f"{'to' if amount > 0 else 'from'} {name}: {reason.strip()}",
+                f"{'to' if amount > 0 else 'from'} {name}: {reason}",
                 user_name=name, action="credits", actor=actor.name, amount=amount,
                 balance=entry.balance_after_milli / MILLI,
             )  # fmt: skip
             return entry.balance_after_milli / MILLI
 
-    def set_quota(self, actor: Identity, name: str, changes: dict[str, int | None]) -> dict:
-        """Set per-user limits; ``None`` returns a limit to the default."""
-        for key, value in changes.items():
-            if value is not None and value < 0:
-                raise ValidationFailed(f"{key} must be 0 or more", field=key, reason="out_of_range")
+    def set_quota(self, actor: Identity, name: str, request: SetQuota) -> dict:
+        """Set the per-user limits the request names; ``None`` returns one to the default."""
+        changes = request.changes()
         user_id = self._user_id(name)
         with self.db.session() as session:
             lock_user(session, user_id)

@@ -20,7 +20,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,7 +31,8 @@ from sqlalchemy.sql import Select
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, AuthFailure, Ban, Event, User, VMStatus, utcnow
-from twarga_lab.errors import Forbidden, InvalidRequest, ValidationFailed
+from twarga_lab.errors import Forbidden
+from twarga_lab.schemas.soc import EventQuery
 from twarga_lab.services import Identity
 from twarga_lab.services.bans import BanPolicy, active_ban, record_failure
 from twarga_lab.services.events import EventType, Severity, record_event
@@ -65,58 +66,6 @@ _SSH_MESSAGES = {
     SshEventKind.preauth_disconnect: "SSH connection to {target} from {source} closed before login",
     SshEventKind.session_closed: "SSH session on {target} of {user} from {source} ended",
 }
-
-
-@dataclass(frozen=True)
-class EventQuery:
-    """Filters and paging of an event listing or export."""
-
-    limit: int = 100
-    severity: str | None = None
-    type: str | None = None
-    vm_id: int | None = None
-    since_id: int | None = None  # live tail: ids above, oldest first
-    before_id: int | None = None  # older pages: ids below, newest first
-
-    @classmethod
-    def from_params(
-        cls, params: Mapping[str, str | None], *, default_limit: int = 100, max_limit: int = 1000
-    ) -> EventQuery:
-        """Parse query-string values; 400 for a non-number, 422 for a value out of range."""
-
-        def number(name: str) -> int | None:
-            raw = params.get(name)
-            if raw is None or raw == "":
-                return None
-            try:
-                return int(raw)
-            except ValueError:
-                raise InvalidRequest(f"{name!r} must be an integer", "bad_type") from None
-
-        limit = number("limit")
-        limit = default_limit if limit is None else limit
-        if not 1 <= limit <= max_limit:
-            raise ValidationFailed(
-                f"limit must be between 1 and {max_limit}", field="limit", reason="out_of_range"
-            )
-        severity = params.get("severity") or None
-        if severity is not None and severity not in Severity.__members__:
-            raise ValidationFailed(
-                f"severity must be one of {', '.join(Severity)}", field="severity",
-                reason="unknown_severity",
-            )  # fmt: skip
-        type_ = params.get("type") or None
-        if type_ is not None and type_ not in EventType.__members__:
-            raise ValidationFailed(
-                f"type must be one of {', '.join(EventType)}", field="type",
-                reason="unknown_type",
-            )  # fmt: skip
-        since_id, before_id = number("since_id"), number("before_id")
-        if since_id is not None and before_id is not None:
-            raise ValidationFailed(
-                "since_id and before_id cannot be combined", field="since_id", reason="conflict"
-            )
-        return cls(limit, severity, type_, number("vm_id"), since_id, before_id)
 
 
 def event_to_json(event: Event) -> dict[str, Any]:

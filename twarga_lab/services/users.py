@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -14,6 +14,9 @@ from twarga_lab.db.models import VM, CreditEntry, Quota, User, VMStatus, utcnow
 from twarga_lab.errors import NotFound
 from twarga_lab.services import Identity
 from twarga_lab.services.events import EventType, Severity, record_event
+
+if TYPE_CHECKING:  # the schemas read MILLI from here
+    from twarga_lab.schemas import SetSSHKey
 
 MILLI = 1000
 # VMs in these states hold resources against the user's quota.
@@ -205,9 +208,10 @@ class UserService:
                 "created_at": user.created_at.isoformat(),
             }
 
-    def set_ssh_key(self, identity: Identity, key: str | None) -> dict[str, Any]:
+    def set_ssh_key(self, identity: Identity, request: SetSSHKey) -> dict[str, Any]:
         """Store the user's SSH public key (installed into the VMs they create next)."""
         user_id = self.ensure(identity.name)
+        key = request.ssh_public_key
         with self.db.session() as session:
             session.execute(update(User).where(User.id == user_id).values(ssh_public_key=key))
         return self.me(identity)

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, CreditEntry, VMStatus
+from twarga_lab.schemas import GrantCredits
 from twarga_lab.services import Identity
 from twarga_lab.services.credits import CreditRates, CreditService
 from twarga_lab.services.users import QuotaDefaults, UserService
@@ -90,7 +91,7 @@ def test_concurrent_grants_and_metering_lose_no_ledger_row(setup):
     def grants():
         try:
             for _ in range(25):
-                credits.grant(ADMIN, "alice", 2, "bonus")
+                credits.grant(ADMIN, "alice", GrantCredits(2, "bonus"))
         except Exception as e:  # surfaced below
             errors.append(e)
 

@@ -1,5 +1,6 @@
 """Host and VM metrics, one module a job: ``catalogue`` (names, units, settings, clock),
-``readers`` (host and VMs), ``thresholds``, ``history`` (queries), ``prometheus``,
+``readers`` (host and VMs), ``thresholds``, ``history`` (reading
+queries ``schemas.metrics`` checked), ``prometheus``,
 ``probes`` (event-loop stalls, thread priority) and ``service`` (the collector and API).
 """
 
@@ -12,7 +13,6 @@ from twarga_lab.services.metrics.catalogue import (
     Thresholds,
     clock,
 )
-from twarga_lab.services.metrics.history import HistoryQuery, parse_history_query, parse_time
 from twarga_lab.services.metrics.probes import LoopLagProbe
 from twarga_lab.services.metrics.readers import HostReader, VMReading
 from twarga_lab.services.metrics.service import MetricsService
@@ -23,7 +23,6 @@ __all__ = [
     "METRICS",
     "SEED_METRICS",
     "VM_METRICS",
-    "HistoryQuery",
     "HostReader",
     "LoopLagProbe",
     "MetricsConfig",
@@ -32,6 +31,4 @@ __all__ = [
     "Thresholds",
     "VMReading",
     "clock",
-    "parse_history_query",
-    "parse_time",
 ]

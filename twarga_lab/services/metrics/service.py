@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import select
@@ -40,7 +40,7 @@ from twarga_lab.services.metrics.catalogue import (
     VM_INDEX_MAX_AGE,
     MetricsConfig,
 )
-from twarga_lab.services.metrics.history import HistoryQuery, read_history
+from twarga_lab.services.metrics.history import read_history
 from twarga_lab.services.metrics.probes import (
     LoopLagProbe,
     background_priority,
@@ -51,6 +51,9 @@ from twarga_lab.services.metrics.readers import HostReader, VMReading, VMRef, ho
 from twarga_lab.services.metrics.thresholds import ThresholdWatch
 from twarga_lab.virt.backend import HypervisorBackend, LifecycleEvent
 from twarga_lab.virt.stats import DomainStatsReader, FastStats
+
+if TYPE_CHECKING:  # the schema imports the metric catalogue, which is this package
+    from twarga_lab.schemas.metrics import HistoryQuery
 
 log = logging.getLogger(__name__)
 

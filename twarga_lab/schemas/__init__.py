@@ -1,0 +1,36 @@
+"""Typed API requests: one frozen dataclass per request body or query string.
+
+Handlers parse a request once (``from_body`` for a JSON body, ``from_query`` for a query
+string) and hand the typed request to the service, which trusts it. Shape errors are 400
+(``bad_body``, ``unknown_field``, ``missing_field``, ``bad_type``); values that are out of
+bounds or contradict each other are 422 with their ``field``. Checks that need the server's
+state or settings (an image's existence, VM size bounds, whether a user exists) stay in the
+services. Every schema lists its fields with ``describe()``, for the OpenAPI document.
+
+Modules by resource: ``me`` (SSH key), ``admin`` (credits, quotas), ``soc`` (event
+listings and exports), ``metrics`` (history) and ``base`` (the machinery).
+"""
+
+from twarga_lab.schemas.admin import GrantCredits, SetQuota
+from twarga_lab.schemas.base import UNSET, FieldDoc, Request, Unset, check_types
+from twarga_lab.schemas.me import SetSSHKey, validate_ssh_key
+from twarga_lab.schemas.metrics import HistoryQuery, parse_time
+from twarga_lab.schemas.soc import EventQuery
+
+SCHEMAS: tuple[type[Request], ...] = (SetSSHKey, GrantCredits, SetQuota, EventQuery, HistoryQuery)
+
+__all__ = [
+    "SCHEMAS",
+    "UNSET",
+    "EventQuery",
+    "FieldDoc",
+    "GrantCredits",
+    "HistoryQuery",
+    "Request",
+    "SetQuota",
+    "SetSSHKey",
+    "Unset",
+    "check_types",
+    "parse_time",
+    "validate_ssh_key",
+]

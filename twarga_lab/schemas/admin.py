@@ -1,0 +1,85 @@
+"""``/twarga/api/admin/users/{name}``: credit grants and quota changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from types import NoneType
+from typing import Any, ClassVar, Self
+
+from twarga_lab.errors import ValidationFailed
+from twarga_lab.schemas.base import UNSET, Request, Unset, wire
+from twarga_lab.services.users import MILLI
+
+
+@dataclass(frozen=True)
+class GrantCredits(Request):
+    """``POST .../credits``: add (or, negative, take) credits, with a reason."""
+
+    required: ClassVar[tuple[str, ...]] = ("amount", "reason")
+
+    amount: float = field(
+        metadata=wire(
+            "Credits to add; negative takes them (never below a zero balance).", (int, float)
+        )
+    )
+    reason: str = field(metadata=wire("Why, for the ledger (outer blanks dropped).", str))
+
+    @property
+    def amount_milli(self) -> int:
+        """The amount in thousandths of a credit, as the ledger stores it."""
+        return round(self.amount * MILLI)
+
+    @classmethod
+    def from_body(cls, body: Any) -> Self:
+        """400 for a body of the wrong shape; 422 for a blank reason (``missing_reason``)
+        or an amount that is zero at the ledger's precision or not finite."""
+        checked = cls.checked_body(body)
+        reason, amount = checked["reason"], checked["amount"]
+        if not reason.strip():
+            raise ValidationFailed("a reason is required", field="reason", reason="missing_reason")
+        if not math.isfinite(amount) or round(amount * MILLI) == 0:
+            raise ValidationFailed(
+                "amount must be a non-zero number", field="amount", reason="invalid_amount"
+            )
+        return cls(amount=amount, reason=reason.strip())
+
+
+QUOTA_DOC = "{}; null returns it to the default, an absent field leaves it as it is."
+
+
+@dataclass(frozen=True)
+class SetQuota(Request):
+    """``PATCH .../quota``: per-user limits."""
+
+    max_vms: int | Unset | None = field(
+        default=UNSET,
+        metadata=wire(QUOTA_DOC.format("VMs (destroyed ones not counted)"), (int, NoneType)),
+    )
+    max_ram_mb: int | Unset | None = field(
+        default=UNSET,
+        metadata=wire(QUOTA_DOC.format("Total RAM of the user's VMs, in MB"), (int, NoneType)),
+    )
+    max_cpu: int | Unset | None = field(
+        default=UNSET,
+        metadata=wire(QUOTA_DOC.format("Total vCPUs of the user's VMs"), (int, NoneType)),
+    )
+    max_disk_gb: int | Unset | None = field(
+        default=UNSET,
+        metadata=wire(QUOTA_DOC.format("Total disk of the user's VMs, in GB"), (int, NoneType)),
+    )
+
+    def changes(self) -> dict[str, int | None]:
+        """The limits the body named, with their new values."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: value for name, value in values.items() if value is not UNSET}
+
+    @classmethod
+    def from_body(cls, body: Any) -> Self:
+        """400 for a body of the wrong shape, 422 (``out_of_range``) for a negative limit."""
+        checked = cls.checked_body(body)
+        for key, value in checked.items():
+            if value is not None and value < 0:
+                raise ValidationFailed(f"{key} must be 0 or more", field=key, reason="out_of_range")
+        return cls(**checked)
