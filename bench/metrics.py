@@ -46,7 +46,7 @@ from twarga_lab.db import Database  # noqa: E402
 from twarga_lab.db.models import VM, User, VMStatus  # noqa: E402
 from twarga_lab.services import metric_store  # noqa: E402
 from twarga_lab.services.metric_store import RAW, MetricStore  # noqa: E402
-from twarga_lab.services.metrics import LoopLagProbe, MetricsConfig, MetricsService  # noqa: E402
+from twarga_lab.services.metrics import LoopLagProbe, MetricsService  # noqa: E402
 from twarga_lab.services.metrics import catalogue as metrics_catalogue  # noqa: E402
 from twarga_lab.virt.domain import DiskSpec, DomainSpec, build_domain_xml  # noqa: E402
 from twarga_lab.virt.images import ImageStore, create_overlay  # noqa: E402
@@ -427,8 +427,8 @@ async def stall_run(
             service.collect()
             if loop.time() >= next_slow:
                 service.collect_slow()
-                next_slow = loop.time() + service.config.slow_interval
-            await asyncio.sleep(max(0.0, service.config.interval - (loop.time() - started)))
+                next_slow = loop.time() + service.slow_interval
+            await asyncio.sleep(max(0.0, service.interval - (loop.time() - started)))
         await probe.stop()
         return probe
     service.start()
@@ -453,14 +453,15 @@ def bench_stalls(folder: Path, seconds: float) -> None:
             db = Database(f"sqlite:///{folder / f'stall-{name}.db'}").open()
             add_vm_rows(db, prefix, 200)
             backend = LibvirtBackend(uri)
-            config = MetricsConfig(
+            service = MetricsService(
+                db,
+                backend,
+                domain_prefix=prefix,
+                disk_path=folder,
                 interval=0.25,
                 slow_interval=1.0,
                 prune_interval=5.0,
-                domain_prefix=prefix,
-                disk_path=folder,
             )
-            service = MetricsService(db, backend, config)
             # A clock 120x fast: raw chunks (10 min) close every 5 s, rollups every 30 s.
             started = time.time()
             fast_clock = lambda s=started: T0 + (time.time() - s) * 120  # noqa: E731

@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO))
 
 from twarga_lab.db import Database, Event  # noqa: E402
 from twarga_lab.db.models import VM, User, VMStatus  # noqa: E402
-from twarga_lab.services.bans import BanPolicy  # noqa: E402
 from twarga_lab.services.soc import SocService  # noqa: E402
 from twarga_lab.services.sshlog import SshLogParser  # noqa: E402
 from twarga_lab.services.syslog import SyslogIngest, SyslogReceiver, TrustedSources  # noqa: E402
@@ -148,7 +147,7 @@ async def detection_latency(rounds: int) -> list[float]:
     """Seconds from the 5th failure sent over UDP to the critical event in the database."""
     with tempfile.TemporaryDirectory(prefix="twarga-bench-soc-") as tmp:
         db = Database(f"sqlite:///{Path(tmp) / 'soc.db'}").open()
-        soc = SocService(db, BanPolicy(maxretry=5, findtime=600, bantime=600))
+        soc = SocService(db, maxretry=5, findtime=600.0, bantime=600.0)
         with db.session() as session:  # the VM the lines are about
             owner = User(name="bench")
             session.add(owner)

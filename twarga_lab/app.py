@@ -5,6 +5,7 @@ everything is torn down in ``stop_extension``."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import getpass
 import os
 from collections.abc import Callable
@@ -14,28 +15,22 @@ from typing import Any, TypeVar
 
 from jupyter_server.extension.application import ExtensionApp
 from sqlalchemy.engine import make_url
-from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, default, observe, validate
+from traitlets import Enum, Float, Int, TraitType, Type, Unicode, default, observe, validate
+from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
 from twarga_lab.handlers import ROUTES
 from twarga_lab.handlers.proxy import PROXY_ROUTES, ProxyTarget
 from twarga_lab.services import Identity
-from twarga_lab.services.bans import BanPolicy
 from twarga_lab.services.consoles import ConsoleService, VMConsoleManager
-from twarga_lab.services.credits import CreditMeter, CreditRates, CreditService
+from twarga_lab.services.credits import CreditMeter, CreditService
 from twarga_lab.services.hubusers import HubUserDirectory
-from twarga_lab.services.metric_store import Retention
-from twarga_lab.services.metrics import MetricsConfig, MetricsService, Thresholds
+from twarga_lab.services.metrics import MetricsService
+from twarga_lab.services.metrics.service import default_scrape_token
 from twarga_lab.services.snapshots import SnapshotService
 from twarga_lab.services.soc import SocService
-from twarga_lab.services.syslog import (
-    SyslogCollector,
-    SyslogConfig,
-    SyslogService,
-    TrustedSources,
-    parse_address,
-)
-from twarga_lab.services.users import QuotaDefaults, UserService
+from twarga_lab.services.syslog import SyslogCollector, SyslogService
+from twarga_lab.services.users import UserService
 from twarga_lab.services.vms import VMBounds, VMService, VMServiceConfig
 from twarga_lab.virt.backend import HypervisorBackend
 from twarga_lab.virt.images import TINY_IMAGE, ImageStore
@@ -60,6 +55,51 @@ def absolute_sqlite_url(url: str) -> str:
     if not path or path == ":memory:" or path.startswith("/"):
         return url
     return prefix + absolute_path(path) + (f"?{query}" if query else "")
+
+
+# Settings that moved from TwargaLabApp to the service that uses them: the old name is a
+# deprecated alias of ``c.<Service>.<trait>``, with the same default, type and checks.
+ALIASES: dict[str, tuple[type[LoggingConfigurable], str]] = {
+    "starting_credits": (UserService, "starting_credits"),
+    "max_vms_per_user": (UserService, "max_vms"),
+    "max_ram_per_user_mb": (UserService, "max_ram_mb"),
+    "credits_per_vcpu_hour": (CreditService, "per_vcpu_hour"),
+    "credits_per_gb_ram_hour": (CreditService, "per_gb_ram_hour"),
+    "metering_interval": (CreditService, "interval"),
+    "metrics_interval": (MetricsService, "interval"),
+    "metrics_slow_interval": (MetricsService, "slow_interval"),
+    "metrics_raw_retention_hours": (MetricsService, "raw_retention_hours"),
+    "metrics_minute_retention_days": (MetricsService, "minute_retention_days"),
+    "metrics_hour_retention_days": (MetricsService, "hour_retention_days"),
+    "metrics_prune_interval": (MetricsService, "prune_interval"),
+    "metrics_cpu_threshold": (MetricsService, "cpu_threshold"),
+    "metrics_memory_threshold": (MetricsService, "memory_threshold"),
+    "metrics_disk_threshold": (MetricsService, "disk_threshold"),
+    "metrics_threshold_seconds": (MetricsService, "threshold_seconds"),
+    "metrics_scrape_token": (MetricsService, "scrape_token"),
+    "syslog_address": (SyslogService, "address"),
+    "syslog_trusted_sources": (SyslogService, "trusted_sources"),
+    "syslog_source_queue_size": (SyslogService, "source_queue_size"),
+    "syslog_source_rate": (SyslogService, "source_rate"),
+    "syslog_tcp_timeout": (SyslogService, "tcp_timeout"),
+    "soc_event_retention_days": (SocService, "event_retention_days"),
+    "soc_prune_interval": (SocService, "prune_interval"),
+    "bruteforce_maxretry": (SocService, "maxretry"),
+    "bruteforce_findtime": (SocService, "findtime"),
+    "bruteforce_bantime": (SocService, "bantime"),
+    "console_idle_timeout": (VMConsoleManager, "idle_timeout"),
+    "max_snapshots_per_vm": (SnapshotService, "max_per_vm"),
+}
+
+
+def alias(old: str) -> TraitType[Any, Any]:
+    """The TwargaLabApp trait ``old``: a copy of the trait it is an alias of (type, default,
+    validation), its help saying where the setting lives now."""
+    cls, new = ALIASES[old]
+    trait = copy.deepcopy(cls.class_traits()[new])
+    trait.help = f"Deprecated: use {cls.__name__}.{new}. {trait.help}"
+    trait.metadata = {**trait.metadata, "help": trait.help}
+    return trait
 
 
 @dataclass
@@ -200,160 +240,44 @@ class TwargaLabApp(ExtensionApp):
     min_disk_gb = Int(10, help="Smallest disk a VM may have, in GB.").tag(config=True)
     max_disk_gb = Int(100, help="Largest disk a VM may have, in GB.").tag(config=True)
 
-    max_vms_per_user = Int(5, help="Default quota: VMs per user (destroyed ones not counted).").tag(
-        config=True
-    )
-    max_snapshots_per_vm = Int(
-        5, help="Most snapshots one VM may have (taking one more is 409 quota_exceeded)."
-    ).tag(config=True)
-    max_ram_per_user_mb = Int(8192, help="Default quota: total RAM of a user's VMs, in MB.").tag(
-        config=True
-    )
-
-    starting_credits = Float(1000.0, help="Credits every new user starts with.").tag(config=True)
-    credits_per_vcpu_hour = Float(
-        10.0, help="Credits a running VM costs per vCPU and hour (charged every minute)."
-    ).tag(config=True)
-    credits_per_gb_ram_hour = Float(
-        5.0, help="Credits a running VM costs per GB of RAM and hour (charged every minute)."
-    ).tag(config=True)
-    metering_interval = Float(
-        60.0, help="Seconds between two charges of running VMs; at zero credits they stop."
-    ).tag(config=True)
-
-    metrics_interval = Float(
-        10.0,
-        help="""Seconds between two metric collections: the host (psutil) and the state and
-        CPU time of every VM in one bulk libvirt call.""",
-    ).tag(config=True)
-    metrics_slow_interval = Float(
-        30.0,
-        help="""Seconds between two reads of the VMs' memory, disk and network counters (a
-        heavier libvirt call; 30-60 s is sensible).""",
-    ).tag(config=True)
-
-    @validate("metrics_interval", "metrics_slow_interval")
-    def _validate_metrics_interval(self, proposal: Any) -> float:
-        if proposal["value"] <= 0:
-            raise TraitError(f"{proposal['trait'].name} must be positive")
-        return float(proposal["value"])
-
-    metrics_raw_retention_hours = Float(
-        24.0, help="Hours raw metric samples are kept (24 h windows read them)."
-    ).tag(config=True)
-    metrics_minute_retention_days = Float(
-        7.0, help="Days 1-minute metric rollups (average, minimum, maximum) are kept."
-    ).tag(config=True)
-    metrics_hour_retention_days = Float(
-        90.0, help="Days 1-hour metric rollups are kept; also the longest history window."
-    ).tag(config=True)
-    metrics_prune_interval = Float(
-        600.0, help="Seconds between two deletions of metrics past their retention."
-    ).tag(config=True)
-    metrics_cpu_threshold = Float(
-        90.0, help="CPU usage (%) of the host or a VM that raises a warning event."
-    ).tag(config=True)
-    metrics_memory_threshold = Float(
-        90.0, help="Memory usage (%) of the host or a VM that raises a warning event."
-    ).tag(config=True)
-    metrics_disk_threshold = Float(
-        90.0, help="Disk usage (%) of the host or a VM that raises a warning event."
-    ).tag(config=True)
-    metrics_threshold_seconds = Float(
-        60.0,
-        help="""Seconds a value must stay above its threshold before the warning event, and
-        at or below it before the recovery event (one event each way).""",
-    ).tag(config=True)
-    metrics_scrape_token = Unicode(
-        help="""Bearer token a Prometheus server sends to ``GET /twarga/metrics``
-        (``Authorization: Bearer <token>``). Empty: only admins may read the exposition.""",
-    ).tag(config=True)
-
-    @default("metrics_scrape_token")
-    def _default_metrics_scrape_token(self) -> str:
-        return os.environ.get("TWARGA_METRICS_SCRAPE_TOKEN", "")
-
     ssh_port_min = Int(22000, help="First 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
     ssh_port_max = Int(22999, help="Last 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
 
-    syslog_address = Unicode(
-        "127.0.0.1:5514",
-        help="""Where the SOC listens for syslog over UDP and TCP (RFC 3164/5424, RFC 6587
-        framing), as ``IP:PORT``; empty turns the network receiver off. The tiny image's
-        guests do not need it: each sends its syslog over its own virtio channel.""",
-    ).tag(config=True)
+    # Deprecated aliases (see ALIASES): each setting's home is now its service's class.
+    starting_credits = alias("starting_credits")
+    max_vms_per_user = alias("max_vms_per_user")
+    max_ram_per_user_mb = alias("max_ram_per_user_mb")
+    credits_per_vcpu_hour = alias("credits_per_vcpu_hour")
+    credits_per_gb_ram_hour = alias("credits_per_gb_ram_hour")
+    metering_interval = alias("metering_interval")
+    metrics_interval = alias("metrics_interval")
+    metrics_slow_interval = alias("metrics_slow_interval")
+    metrics_raw_retention_hours = alias("metrics_raw_retention_hours")
+    metrics_minute_retention_days = alias("metrics_minute_retention_days")
+    metrics_hour_retention_days = alias("metrics_hour_retention_days")
+    metrics_prune_interval = alias("metrics_prune_interval")
+    metrics_cpu_threshold = alias("metrics_cpu_threshold")
+    metrics_memory_threshold = alias("metrics_memory_threshold")
+    metrics_disk_threshold = alias("metrics_disk_threshold")
+    metrics_threshold_seconds = alias("metrics_threshold_seconds")
+    metrics_scrape_token = alias("metrics_scrape_token")
 
-    @validate("syslog_address")
-    def _validate_syslog_address(self, proposal: Any) -> str:
-        try:
-            parse_address(proposal["value"])
-        except ValueError as e:
-            raise TraitError(str(e)) from None
-        return str(proposal["value"]).strip()
+    @default("metrics_scrape_token")
+    def _default_metrics_scrape_token(self) -> str:
+        return default_scrape_token()
 
-    syslog_trusted_sources = Dict(
-        {},
-        help="""Network syslog senders allowed to speak for a VM, as ``{domain: [entry, ...]}``
-        with the VM's libvirt domain name (the API's ``domain``) as key. An entry is an address
-        or network (``"192.0.2.10"``, ``"10.1.0.0/24"``) or ``"secret:<16+ characters>"``,
-        which a message carries as RFC 5424 structured data ``[twarga@32473
-        secret="..."]``. Off (empty) by default: every account on the host can reach the
-        receiver and write any hostname, so network messages are then never a VM's events,
-        failure counts or bans (at most an unattributed system event for admins); a VM's
-        own virtio channel needs no entry. Trust 127.0.0.1 only where no other account can
-        run code on the host. Changes apply at once.""",
-    ).tag(config=True)
-
-    @validate("syslog_trusted_sources")
-    def _validate_syslog_trusted_sources(self, proposal: Any) -> dict[str, Any]:
-        try:
-            TrustedSources(proposal["value"])
-        except (ValueError, TypeError) as e:
-            raise TraitError(str(e)) from None
-        return dict(proposal["value"])
-
-    @observe("syslog_trusted_sources")
-    def _syslog_trusted_sources_changed(self, change: Any) -> None:
-        if self.services is not None:
-            self.services.syslog.set_trusted_sources(change["new"])
-
-    syslog_source_queue_size = Int(
-        2000,
-        help="""Syslog lines one source (a VM's channel, or one sender address on the network)
-        may have waiting; beyond it, and beyond its rate, its lines are dropped and counted
-        (``twarga_syslog_dropped_lines_total``) with one warning event per flood burst, so a
-        flooding source cannot delay the others.""",
-    ).tag(config=True)
-    syslog_source_rate = Float(
-        200.0,
-        help="""Lines a second one network sender may send (bursts of ten times as many);
-        a VM's channel may send 1000 a second (bursts of 5000).""",
-    ).tag(config=True)
-    syslog_tcp_timeout = Float(
-        60.0,
-        help="""Seconds a TCP syslog connection may stay silent, or hold an unfinished
-        message, before it is closed.""",
-    ).tag(config=True)
-    soc_event_retention_days = Float(
-        90.0, help="Days SOC events are kept; older ones are deleted (in batches)."
-    ).tag(config=True)
-    soc_prune_interval = Float(
-        3600.0,
-        help="""Seconds between two prunings of old SOC events and of SSH failure counts
-        older than ``bruteforce_findtime`` (which can no longer add up to a ban); 0: never.""",
-    ).tag(config=True)
-
-    bruteforce_maxretry = Int(
-        5, help="SSH brute force on a VM: failures from one source that raise the alarm."
-    ).tag(config=True)
-    bruteforce_findtime = Float(
-        600.0, help="SSH brute force on a VM: the window (seconds) the failures must fall in."
-    ).tag(config=True)
-    bruteforce_bantime = Float(
-        600.0,
-        help="SSH brute force on a VM: the first ban's length in seconds; each further ban of "
-        "the same source doubles it (recorded, not enforced under user-mode networking).",
-    ).tag(config=True)
+    syslog_address = alias("syslog_address")
+    syslog_trusted_sources = alias("syslog_trusted_sources")
+    syslog_source_queue_size = alias("syslog_source_queue_size")
+    syslog_source_rate = alias("syslog_source_rate")
+    syslog_tcp_timeout = alias("syslog_tcp_timeout")
+    soc_event_retention_days = alias("soc_event_retention_days")
+    soc_prune_interval = alias("soc_prune_interval")
+    bruteforce_maxretry = alias("bruteforce_maxretry")
+    bruteforce_findtime = alias("bruteforce_findtime")
+    bruteforce_bantime = alias("bruteforce_bantime")
+    console_idle_timeout = alias("console_idle_timeout")
+    max_snapshots_per_vm = alias("max_snapshots_per_vm")
 
     max_body_bytes = Int(
         64 * 1024,
@@ -366,10 +290,6 @@ class TwargaLabApp(ExtensionApp):
         HTTP server's own limit (``ServerApp.max_body_size``, 512 MiB by default): bodies over
         it are refused before they are read into memory. Personal mode keeps JupyterLab's
         limit for file uploads.""",
-    ).tag(config=True)
-
-    console_idle_timeout = Float(
-        1800.0, help="Seconds without input after which a VM console session is closed."
     ).tag(config=True)
 
     personal_user = Unicode(
@@ -397,6 +317,26 @@ class TwargaLabApp(ExtensionApp):
     @default("service_url")
     def _default_service_url(self) -> str:
         return os.environ.get("TWARGA_SERVICE_URL") or os.environ.get("TWARGA_URL", "")
+
+    backend_class = Type(
+        default_value=LibvirtBackend,
+        klass=HypervisorBackend,
+        help="""The hypervisor backend: a ``HypervisorBackend`` subclass, made as
+        ``backend_class(libvirt_uri)``. The default drives libvirt.""",
+    ).tag(config=True)
+
+    # ``jupyter ... --help-all`` documents the services' settings too.
+    classes = [
+        *ExtensionApp.classes,
+        UserService,
+        CreditService,
+        MetricsService,
+        SocService,
+        SyslogService,
+        ConsoleService,
+        VMConsoleManager,
+        SnapshotService,
+    ]
 
     services: Services | None = None
 
@@ -433,22 +373,66 @@ class TwargaLabApp(ExtensionApp):
                 )
                 return
 
-    def build_services(self, backend: HypervisorBackend | None = None) -> Services:
-        """Open the database (refusing an outdated one) and build every service."""
+    def apply_aliases(self) -> None:
+        """Copy each deprecated ``TwargaLabApp.*`` setting that is set (in a config file,
+        on the command line or on this object) to its new home, ``c.<Service>.<trait>``,
+        unless that is set itself; one deprecation warning per alias."""
+        for old, (cls, new) in ALIASES.items():
+            if old not in self.config.TwargaLabApp and old not in self._aliases_set:
+                continue
+            section = self.config[cls.__name__]
+            if new in section and (old, new) not in self._aliases_copied:
+                continue  # the new name wins
+            section[new] = getattr(self, old)
+            if (old, new) not in self._aliases_copied:
+                self._aliases_copied.add((old, new))
+                self.log.warning("TwargaLabApp.%s is deprecated, use %s.%s", old, cls.__name__, new)
+
+    @property
+    def _aliases_set(self) -> set[str]:
+        return self.__dict__.setdefault("_twarga_aliases_set", set())
+
+    @property
+    def _aliases_copied(self) -> set[tuple[str, str]]:
+        return self.__dict__.setdefault("_twarga_aliases_copied", set())
+
+    @observe(*ALIASES)
+    def _alias_changed(self, change: Any) -> None:
+        """A deprecated setting assigned on this object: remembered for
+        :meth:`apply_aliases`, and passed on at once to a running service (so a changed
+        ``syslog_trusted_sources`` applies at once, as it always did)."""
+        self._aliases_set.add(change["name"])
+        if self.services is None:
+            return
+        cls, new = ALIASES[change["name"]]
+        for service in self.live_services():
+            if isinstance(service, cls):
+                setattr(service, new, change["new"])
+                if (change["name"], new) in self._aliases_copied:
+                    self.config[cls.__name__][new] = change["new"]
+
+    def live_services(self) -> list[LoggingConfigurable]:
+        """The configurable services of the running extension."""
+        s = self.services
+        if s is None:
+            return []
+        found = [s.users, s.vms, s.credits, s.metrics, s.soc, s.syslog, s.consoles, s.snapshots]
+        manager = self.settings.get("twarga_lab_consoles")
+        return [x for x in [*found, manager] if isinstance(x, LoggingConfigurable)]
+
+    def make_services(self) -> Services:
+        """Open the database (refusing an outdated one), make the backend
+        (``backend_class``) and every service, each configured from its own config
+        section. Also how a restart on the same database is simulated in tests."""
+        self.apply_aliases()
         vms_dir = Path(self.vms_dir)
         vms_dir.mkdir(parents=True, exist_ok=True)
         if self.libvirt_uri.startswith("qemu:///system"):
             self.warn_if_unreachable(vms_dir)
         db = Database(self.db_url).open()
-        backend = backend or LibvirtBackend(self.libvirt_uri)
+        backend = self.backend_class(self.libvirt_uri)
         images = ImageStore(Path(self.images_dir))
-        users = UserService(
-            db,
-            starting_credits=self.starting_credits,
-            quota_defaults=QuotaDefaults(
-                max_vms=self.max_vms_per_user, max_ram_mb=self.max_ram_per_user_mb
-            ),
-        )
+        users = UserService(db, parent=self)
         config = VMServiceConfig(
             vms_dir=vms_dir,
             domain_type=self.resolved_domain_type(),
@@ -467,40 +451,13 @@ class TwargaLabApp(ExtensionApp):
             ),
         )
         vms = VMService(db, backend, images, users, config)
-        credits = CreditService(
-            db,
-            users,
-            CreditRates(
-                per_vcpu_hour=self.credits_per_vcpu_hour,
-                per_gb_ram_hour=self.credits_per_gb_ram_hour,
-            ),
-        )
+        credits = CreditService(db, users, parent=self)
         vms.billing = credits  # a VM that stops pays for its seconds since the last tick
-        meter = CreditMeter(credits, vms, self.metering_interval)
-        metrics = MetricsService(db, backend, self.metrics_config())
-        soc = SocService(
-            db,
-            BanPolicy(
-                maxretry=self.bruteforce_maxretry,
-                findtime=self.bruteforce_findtime,
-                bantime=self.bruteforce_bantime,
-            ),
+        metrics = MetricsService(
+            db, backend, domain_prefix=self.domain_prefix, disk_path=vms_dir, parent=self
         )
-        syslog = SyslogService(
-            soc,
-            db,
-            backend,
-            address=self.syslog_address,
-            domain_prefix=self.domain_prefix,
-            config=SyslogConfig(
-                trusted_sources=self.syslog_trusted_sources,
-                source_queue_size=self.syslog_source_queue_size,
-                source_rate=self.syslog_source_rate,
-                tcp_timeout=self.syslog_tcp_timeout,
-                event_retention_days=self.soc_event_retention_days,
-                prune_interval=self.soc_prune_interval,
-            ),
-        )
+        soc = SocService(db, parent=self)
+        syslog = SyslogService(soc, db, backend, domain_prefix=self.domain_prefix, parent=self)
         metrics.registry.register(SyslogCollector(syslog))
         return Services(
             db,
@@ -509,35 +466,13 @@ class TwargaLabApp(ExtensionApp):
             users,
             vms,
             credits,
-            meter,
+            CreditMeter(credits, vms),
             self.personal_user,
             metrics=metrics,
             soc=soc,
             syslog=syslog,
-            consoles=ConsoleService(db, vms, self.libvirt_uri),
-            snapshots=SnapshotService(db, backend, vms, self.max_snapshots_per_vm),
-        )
-
-    def metrics_config(self) -> MetricsConfig:
-        """The metrics service's settings from the traits."""
-        return MetricsConfig(
-            interval=self.metrics_interval,
-            slow_interval=self.metrics_slow_interval,
-            prune_interval=self.metrics_prune_interval,
-            domain_prefix=self.domain_prefix,
-            disk_path=Path(self.vms_dir),
-            retention=Retention(
-                raw=self.metrics_raw_retention_hours * 3600,
-                minute=self.metrics_minute_retention_days * 86400,
-                hour=self.metrics_hour_retention_days * 86400,
-            ),
-            thresholds=Thresholds(
-                cpu=self.metrics_cpu_threshold,
-                memory=self.metrics_memory_threshold,
-                disk=self.metrics_disk_threshold,
-                hold_seconds=self.metrics_threshold_seconds,
-            ),
-            scrape_token=self.metrics_scrape_token,
+            consoles=ConsoleService(db, vms, self.libvirt_uri, parent=self),
+            snapshots=SnapshotService(db, backend, vms, parent=self),
         )
 
     def initialize_settings(self) -> None:
@@ -550,7 +485,7 @@ class TwargaLabApp(ExtensionApp):
             )
             self.log.info("Twarga Lab: forwarding /twarga/api to %s", self.service_url)
             return
-        self.services = self.build_services()
+        self.services = self.make_services()
         self.settings["twarga_lab_max_body_bytes"] = self.max_body_bytes
         if self.resolved_mode == "service":
             # Read before the HTTP server is made (it is, after extensions load).
@@ -562,9 +497,7 @@ class TwargaLabApp(ExtensionApp):
                 os.environ["JUPYTERHUB_API_URL"], os.environ.get("JUPYTERHUB_API_TOKEN", "")
             )
         self.settings["twarga_lab_services"] = self.services
-        self.settings["twarga_lab_consoles"] = VMConsoleManager(
-            idle_timeout=self.console_idle_timeout
-        )
+        self.settings["twarga_lab_consoles"] = VMConsoleManager(parent=self)
         self.log.info(
             "Twarga Lab: libvirt %s, domain type %s, database %s",
             self.libvirt_uri,

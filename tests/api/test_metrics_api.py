@@ -3,7 +3,6 @@ and the Prometheus exposition behind its scrape token."""
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime
 
 import psutil
@@ -212,7 +211,7 @@ async def test_prometheus_needs_the_scrape_token_or_an_admin(api, jp_fetch, twar
 
 async def test_without_a_scrape_token_only_admins_may_scrape(jp_fetch, twarga):
     metrics = twarga.services.metrics
-    metrics.config = dataclasses.replace(metrics.config, scrape_token="")
+    metrics.scrape_token = ""
     assert (await scrape(jp_fetch, "Bearer ")).code == 401
     assert (await scrape(jp_fetch, f"Bearer {SCRAPE_TOKEN}")).code == 401
     assert (await scrape(jp_fetch, "token alice-token")).code == 403

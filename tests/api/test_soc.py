@@ -23,7 +23,7 @@ from tests.identity import auth
 from twarga_lab.db import Database, Event
 from twarga_lab.db.models import VM, User, utcnow
 from twarga_lab.event_schemas import EVENT_TYPES, load_schema
-from twarga_lab.services.bans import BanPolicy, active_ban
+from twarga_lab.services.bans import active_ban
 from twarga_lab.services.soc import SocService, SshObservation
 from twarga_lab.services.sshlog import SshLogParser
 
@@ -316,7 +316,7 @@ async def test_credentials_are_for_the_owner_only(api, twarga):
 
 def test_bans_and_counts_survive_a_restart_and_double(tmp_path):
     url = f"sqlite:///{tmp_path / 'soc.db'}"
-    policy = BanPolicy(maxretry=5, findtime=600, bantime=600)
+    policy = {"maxretry": 5, "findtime": 600.0, "bantime": 600.0}
     line = "<84>Nov 27 08:00:01 h dropbear[1]: Bad password attempt for 'root' from 10.0.2.2:1"
     event = SshLogParser().parse_line(line)
     start = utcnow()
@@ -336,13 +336,13 @@ def test_bans_and_counts_survive_a_restart_and_double(tmp_path):
         )
         soc.record_ssh([observation])
 
-    soc = SocService(db, policy)
+    soc = SocService(db, **policy)
     for second in range(5):
         fail(soc, second)
     db.dispose()
 
     db = Database(url).open()  # a new service on the same database
-    soc = SocService(db, policy)
+    soc = SocService(db, **policy)
     with db.session() as session:
         ban = active_ban(session, scope, "10.0.2.2", start + timedelta(seconds=10))
         assert ban is not None and ban.ban_count == 1

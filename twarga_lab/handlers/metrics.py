@@ -52,7 +52,7 @@ class PrometheusHandler(TwargaAPIHandler):
     _scraper = False
 
     async def prepare(self) -> None:
-        token = self.services.metrics.config.scrape_token
+        token = self.services.metrics.scrape_token
         scheme, _, presented = self.request.headers.get("Authorization", "").partition(" ")
         if token and scheme.lower() == "bearer" and hmac.compare_digest(presented.strip(), token):
             # The scrape token is the whole authentication: no Hub round trip per scrape.

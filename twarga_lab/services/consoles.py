@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from traitlets import Float
+from traitlets.config import LoggingConfigurable
+
 from twarga_lab.db import Database
 from twarga_lab.errors import Conflict
 from twarga_lab.services import Identity
@@ -44,10 +47,11 @@ class ConsoleTarget:
         return f"vm-{self.vm_id}"
 
 
-class ConsoleService:
+class ConsoleService(LoggingConfigurable):
     """Authorises console sessions and records their opening and closing."""
 
-    def __init__(self, db: Database, vms: VMService, libvirt_uri: str) -> None:
+    def __init__(self, db: Database, vms: VMService, libvirt_uri: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.db = db
         self.vms = vms
         self.libvirt_uri = libvirt_uri
@@ -168,11 +172,15 @@ class ConsoleSession:
             self.stream.write(text.encode("utf-8", errors="replace"))
 
 
-class VMConsoleManager:
+class VMConsoleManager(LoggingConfigurable):
     """The live console sessions, one per VM, their idle culler and their event tasks."""
 
-    def __init__(self, idle_timeout: float) -> None:
-        self.idle_timeout = idle_timeout
+    idle_timeout = Float(
+        1800.0, help="Seconds without input after which a VM console session is closed."
+    ).tag(config=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.sessions: dict[str, ConsoleSession] = {}
         self.background: set[asyncio.Future[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from traitlets import Float
+from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database, models
 from twarga_lab.db.models import VM, Account, CreditEntry, Quota, User, VMStatus
@@ -53,17 +55,10 @@ def unmetered_seconds(vm: VM, now: datetime) -> float:
     return (now - since).total_seconds()
 
 
-@dataclass(frozen=True)
-class CreditRates:
-    """What a running VM costs, in credits per hour."""
-
-    per_vcpu_hour: float = 10.0
-    per_gb_ram_hour: float = 5.0
-
-    def cost_milli(self, cpu: int, ram_mb: int, seconds: float) -> int:
-        """Thousandths of a credit for ``seconds`` of a VM of this size (rounded up)."""
-        per_hour = cpu * self.per_vcpu_hour + ram_mb / 1024 * self.per_gb_ram_hour
-        return math.ceil(per_hour * max(0.0, seconds) / 3600 * MILLI)
+def has_credits(session: Session, user_id: int) -> bool:
+    """Whether the user has credits left, so may create or start a VM (a balance of
+    exactly zero is none: metering never takes a balance below zero)."""
+    return balance_milli(session, user_id) > 0
 
 
 @dataclass
@@ -74,13 +69,28 @@ class MeterReport:
     exhausted: list[str] = field(default_factory=list)
 
 
-class CreditService:
+class CreditService(LoggingConfigurable):
     """Metering, grants, quotas and the admin's view of users."""
 
-    def __init__(self, db: Database, users: UserService, rates: CreditRates) -> None:
+    per_vcpu_hour = Float(
+        10.0, help="Credits a running VM costs per vCPU and hour (charged every minute)."
+    ).tag(config=True)
+    per_gb_ram_hour = Float(
+        5.0, help="Credits a running VM costs per GB of RAM and hour (charged every minute)."
+    ).tag(config=True)
+    interval = Float(
+        60.0, help="Seconds between two charges of running VMs; at zero credits they stop."
+    ).tag(config=True)
+
+    def __init__(self, db: Database, users: UserService, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.db = db
         self.users = users
-        self.rates = rates
+
+    def cost_milli(self, cpu: int, ram_mb: int, seconds: float) -> int:
+        """Thousandths of a credit for ``seconds`` of a VM of this size (rounded up)."""
+        per_hour = cpu * self.per_vcpu_hour + ram_mb / 1024 * self.per_gb_ram_hour
+        return math.ceil(per_hour * max(0.0, seconds) / 3600 * MILLI)
 
     # -- metering -----------------------------------------------------------------------
 
@@ -110,7 +120,7 @@ class CreditService:
                 seconds = unmetered_seconds(vm, now)
                 if seconds <= 0:
                     continue
-                cost += self.rates.cost_milli(vm.cpu, vm.ram_mb, seconds)
+                cost += self.cost_milli(vm.cpu, vm.ram_mb, seconds)
                 parts.append(f"{vm.name} {seconds:.0f} s")
                 vm.metered_until = now
             if cost == 0:
@@ -142,7 +152,7 @@ class CreditService:
             return 0
         vm.metered_until = now
         lock_user(session, vm.owner_id)
-        cost = self.rates.cost_milli(vm.cpu, vm.ram_mb, seconds)
+        cost = self.cost_milli(vm.cpu, vm.ram_mb, seconds)
         charge = min(cost, balance_milli(session, vm.owner_id))
         if charge > 0:
             add_credit_entry(
@@ -276,13 +286,17 @@ class CreditService:
 
 
 class CreditMeter:
-    """Meters every ``interval`` seconds in a worker thread; stops VMs of users at zero."""
+    """Meters every ``CreditService.interval`` seconds in a worker thread; stops VMs of
+    users at zero."""
 
-    def __init__(self, credits: CreditService, vms: Any, interval: float) -> None:
+    def __init__(self, credits: CreditService, vms: Any) -> None:
         self.credits = credits
         self.vms = vms
-        self.interval = interval
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def interval(self) -> float:
+        return self.credits.interval
 
     async def tick(self) -> MeterReport:
         """One metering pass, then stop the VMs of everyone who ran out."""

@@ -11,12 +11,15 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from traitlets import Int
+from traitlets.config import LoggingConfigurable
+
 from twarga_lab.db import Database
 from twarga_lab.db.models import VMStatus
 from twarga_lab.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
 from twarga_lab.services import Identity
 from twarga_lab.services.events import EventType, Severity, record_event
-from twarga_lab.services.vms import _STATE_TO_STATUS, TRANSITIONAL, VMService, validate_name
+from twarga_lab.services.vms import TRANSITIONAL, VMService, status_for, validate_name
 from twarga_lab.virt.backend import HypervisorBackend
 from twarga_lab.virt.snapshot import SnapshotInfo
 
@@ -38,16 +41,20 @@ def validate_snapshot_name(name: str) -> str:
     return validate_name(name)
 
 
-class SnapshotService:
+class SnapshotService(LoggingConfigurable):
     """List, create, revert and delete the snapshots of one's VMs."""
 
+    max_per_vm = Int(
+        5, help="Most snapshots one VM may have (taking one more is 409 quota_exceeded)."
+    ).tag(config=True)
+
     def __init__(
-        self, db: Database, backend: HypervisorBackend, vms: VMService, max_per_vm: int = 5
+        self, db: Database, backend: HypervisorBackend, vms: VMService, **kwargs: Any
     ) -> None:
+        super().__init__(**kwargs)
         self.db = db
         self.backend = backend
         self.vms = vms
-        self.max_per_vm = max_per_vm
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -91,7 +98,7 @@ class SnapshotService:
         """Take snapshot ``name`` of the VM (409 on a duplicate or over the quota)."""
         validate_snapshot_name(name)
         await self._vm(identity, vm_id, changing=True)
-        async with self.vms._lock(vm_id):
+        async with self.vms.lock(vm_id):
             vm = await self._vm(identity, vm_id, changing=True)
             domain = vm["domain"]
             existing = await self._run(self.backend.snapshots, domain)
@@ -134,18 +141,18 @@ class SnapshotService:
                 reason="unknown_action",
             )
         await self._vm(identity, vm_id, changing=True)
-        async with self.vms._lock(vm_id):
+        async with self.vms.lock(vm_id):
             vm = await self._vm(identity, vm_id, changing=True)
             domain = vm["domain"]
             snapshot = await self._find(domain, vm["name"], name)
             if snapshot.state == "running" and vm["status"] != VMStatus.running.value:
                 # Reverting to a running snapshot starts the VM: it needs credits.
-                await self._run(self.vms._require_credits, identity, vm_id, "snapshot_revert")
+                await self._run(self.vms.require_credits, identity, vm_id, "snapshot_revert")
             # A transitional status first: libvirt's lifecycle events of the revert are then
             # the expected outcome, not a change "outside Twarga".
             moving = VMStatus.starting if snapshot.state == "running" else VMStatus.stopping
             await self._run(
-                self.vms._set_status, vm_id, moving, None, "snapshot_revert", identity.name
+                self.vms.set_status, vm_id, moving, None, "snapshot_revert", identity.name
             )
             try:
                 await self._run(self.backend.snapshot_revert, domain, name)
@@ -155,16 +162,16 @@ class SnapshotService:
                 )  # fmt: skip
             finally:
                 state = await self._run(self.backend.state, domain)
-                status = _STATE_TO_STATUS.get(state, VMStatus.error)
+                status = status_for(state)
                 await self._run(
-                    self.vms._set_status, vm_id, status, None, "snapshot_revert", identity.name
+                    self.vms.set_status, vm_id, status, None, "snapshot_revert", identity.name
                 )
         return await self.vms.get(identity, vm_id)
 
     async def delete(self, identity: Identity, vm_id: int, name: str) -> None:
         """Delete snapshot ``name`` (404 if the VM has none of that name)."""
         await self._vm(identity, vm_id, changing=True)
-        async with self.vms._lock(vm_id):
+        async with self.vms.lock(vm_id):
             vm = await self._vm(identity, vm_id, changing=True)
             await self._find(vm["domain"], vm["name"], name)
             await self._run(self.backend.snapshot_delete, vm["domain"], name)

@@ -28,6 +28,8 @@ from typing import Any
 from sqlalchemy import Text, and_, case, cast, delete, func, select, union
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
+from traitlets import Float, Int
+from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, AuthFailure, Ban, Event, User, VMStatus, utcnow
@@ -143,12 +145,39 @@ def _valid_ip(source: str | None) -> str | None:
         return None
 
 
-class SocService:
+class SocService(LoggingConfigurable):
     """Event queries for the API, and SSH activity from guests into events and bans."""
 
-    def __init__(self, db: Database, policy: BanPolicy | None = None) -> None:
+    maxretry = Int(
+        BanPolicy.maxretry,
+        help="SSH brute force on a VM: failures from one source that raise the alarm.",
+    ).tag(config=True)
+    findtime = Float(
+        BanPolicy.findtime,
+        help="SSH brute force on a VM: the window (seconds) the failures must fall in.",
+    ).tag(config=True)
+    bantime = Float(
+        BanPolicy.bantime,
+        help="SSH brute force on a VM: the first ban's length in seconds; each further ban of "
+        "the same source doubles it (recorded, not enforced under user-mode networking).",
+    ).tag(config=True)
+    event_retention_days = Float(
+        90.0, help="Days SOC events are kept; older ones are deleted (in batches)."
+    ).tag(config=True)
+    prune_interval = Float(
+        3600.0,
+        help="""Seconds between two prunings of old SOC events and of SSH failure counts
+        older than ``findtime`` (which can no longer add up to a ban); 0: never.""",
+    ).tag(config=True)
+
+    def __init__(self, db: Database, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.db = db
-        self.policy = policy or BanPolicy()
+
+    @property
+    def policy(self) -> BanPolicy:
+        """The brute-force rules of VMs' SSH servers, from the settings."""
+        return BanPolicy(maxretry=self.maxretry, findtime=self.findtime, bantime=self.bantime)
 
     # -- visibility -------------------------------------------------------------------
 

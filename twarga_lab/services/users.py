@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from traitlets import Float, Int
+from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, CreditEntry, Quota, User, VMStatus, utcnow
@@ -21,16 +23,6 @@ if TYPE_CHECKING:  # the schemas read MILLI from here
 MILLI = 1000
 # VMs in these states hold resources against the user's quota.
 LIVE_STATUSES = tuple(s for s in VMStatus if s is not VMStatus.destroyed)
-
-
-@dataclass(frozen=True)
-class QuotaDefaults:
-    """Limits for users without their own quota row."""
-
-    max_vms: int = 5
-    max_ram_mb: int = 8192
-    max_cpu: int | None = None
-    max_disk_gb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,16 +122,23 @@ def usage_by_user(session: Session) -> dict[int, Usage]:
     }
 
 
-class UserService:
+class UserService(LoggingConfigurable):
     """Creates users on first sight (with their starting credits) and reports on them."""
 
-    def __init__(
-        self, db: Database, *, starting_credits: float, quota_defaults: QuotaDefaults
-    ) -> None:
+    starting_credits = Float(1000.0, help="Credits every new user starts with.").tag(config=True)
+    max_vms = Int(5, help="Default quota: VMs per user (destroyed ones not counted).").tag(
+        config=True
+    )
+    max_ram_mb = Int(8192, help="Default quota: total RAM of a user's VMs, in MB.").tag(config=True)
+
+    def __init__(self, db: Database, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.db = db
-        self.starting_credits_milli = round(starting_credits * MILLI)
-        self.quota_defaults = quota_defaults
         self._known: dict[str, int] = {}
+
+    @property
+    def starting_credits_milli(self) -> int:
+        return round(self.starting_credits * MILLI)
 
     def ensure(self, name: str) -> int:
         """The id of user ``name``, created with their starting credits on first sight."""
@@ -178,17 +177,17 @@ class UserService:
         return self.quota_from_row(session.get(Quota, user_id))
 
     def quota_from_row(self, row: Quota | None) -> EffectiveQuota:
-        """Limits from a user's quota row (or None) over the defaults."""
-        d = self.quota_defaults
+        """Limits from a user's quota row (or None) over the defaults (no default limit
+        on CPU and disk)."""
 
         def pick(own: int | None, default: int | None) -> int | None:
             return own if own is not None else default
 
         return EffectiveQuota(
-            max_vms=pick(row.max_vms if row else None, d.max_vms) or 0,
-            max_ram_mb=pick(row.max_ram_mb if row else None, d.max_ram_mb) or 0,
-            max_cpu=pick(row.max_cpu if row else None, d.max_cpu),
-            max_disk_gb=pick(row.max_disk_gb if row else None, d.max_disk_gb),
+            max_vms=pick(row.max_vms if row else None, self.max_vms) or 0,
+            max_ram_mb=pick(row.max_ram_mb if row else None, self.max_ram_mb) or 0,
+            max_cpu=row.max_cpu if row else None,
+            max_disk_gb=row.max_disk_gb if row else None,
         )
 
     def me(self, identity: Identity) -> dict[str, Any]:

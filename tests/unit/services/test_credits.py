@@ -13,8 +13,8 @@ from twarga_lab.db import Database
 from twarga_lab.db.models import VM, CreditEntry, VMStatus
 from twarga_lab.schemas import GrantCredits
 from twarga_lab.services import Identity
-from twarga_lab.services.credits import CreditRates, CreditService
-from twarga_lab.services.users import QuotaDefaults, UserService
+from twarga_lab.services.credits import CreditService
+from twarga_lab.services.users import UserService
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 ADMIN = Identity("root", admin=True)
@@ -23,8 +23,8 @@ ADMIN = Identity("root", admin=True)
 @pytest.fixture
 def setup(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'credits.db'}").open()
-    users = UserService(db, starting_credits=1000, quota_defaults=QuotaDefaults())
-    credits = CreditService(db, users, CreditRates(per_vcpu_hour=10, per_gb_ram_hour=5))
+    users = UserService(db, starting_credits=1000)
+    credits = CreditService(db, users, per_vcpu_hour=10, per_gb_ram_hour=5)
     yield db, users, credits
     db.dispose()
 

@@ -9,7 +9,6 @@ from twarga_lab.services.metrics.catalogue import (
     METRICS,
     SEED_METRICS,
     VM_METRICS,
-    MetricsConfig,
     Thresholds,
     clock,
 )
@@ -25,7 +24,6 @@ __all__ = [
     "VM_METRICS",
     "HostReader",
     "LoopLagProbe",
-    "MetricsConfig",
     "MetricsService",
     "ThresholdWatch",
     "Thresholds",

@@ -1,16 +1,11 @@
-"""What metrics exist (names, units, the seed's names), the metrics settings, and the
-clock every part reads (patch ``catalogue.clock`` in tests)."""
+"""What metrics exist (names, units, the seed's names), the thresholds' value object, and
+the clock every part reads (patch ``catalogue.clock`` in tests)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-
-from twarga_lab.services.metric_store import (
-    Retention,
-)
 
 MB = 1024 * 1024
 GB = 1024**3
@@ -79,18 +74,3 @@ class Thresholds:
         return {"cpu_usage": self.cpu, "memory_usage": self.memory, "disk_usage": self.disk}.get(
             metric
         )
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """What the metrics service needs from the application's settings."""
-
-    interval: float = 10.0
-    slow_interval: float = 30.0
-    prune_interval: float = 600.0
-    domain_prefix: str = "twarga-"
-    disk_path: Path = Path("/")
-    retention: Retention = field(default_factory=Retention)
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    # ``Authorization: Bearer <token>`` lets a Prometheus server scrape; empty: admins only.
-    scrape_token: str = field(default="", repr=False)

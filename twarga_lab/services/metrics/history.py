@@ -15,7 +15,7 @@ from twarga_lab.services.metric_store import (
     MetricStore,
     Retention,
 )
-from twarga_lab.services.metrics.catalogue import METRICS, MetricsConfig, iso
+from twarga_lab.services.metrics.catalogue import METRICS, iso
 
 if TYPE_CHECKING:  # the schema imports the metric catalogue, which is this package
     from twarga_lab.schemas.metrics import HistoryQuery
@@ -47,15 +47,16 @@ def downsample(ts: np.ndarray, values: np.ndarray, step: float) -> tuple[np.ndar
 
 
 def read_history(
-    store: MetricStore, query: HistoryQuery, now: float, config: MetricsConfig
+    store: MetricStore, query: HistoryQuery, now: float, retention: Retention, interval: float
 ) -> dict[str, Any]:
-    """The points of one metric of the host or one VM in a window.
+    """The points of one metric of the host or one VM in a window (``interval``: the
+    collector's, the spacing of raw samples).
 
     ``network`` (the seed's name) reads both directions: ``series`` has each, and
     ``points`` their sum."""
-    resolution = choose_resolution(query, now, config.retention)
+    resolution = choose_resolution(query, now, retention)
     series = {
-        name: series_points(store, query, name, resolution, config.interval)
+        name: series_points(store, query, name, resolution, interval)
         for name in query.series_names()
     }
     body: dict[str, Any] = {

@@ -16,14 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import select
+from traitlets import Float, TraitError, Unicode, default
+from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, User, VMStatus
@@ -32,13 +36,14 @@ from twarga_lab.services.background import cancel_and_wait
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.metric_store import (
     MetricStore,
+    Retention,
     SeriesKey,
 )
 from twarga_lab.services.metrics import catalogue
 from twarga_lab.services.metrics.catalogue import (
     THRESHOLD_LABELS,
     VM_INDEX_MAX_AGE,
-    MetricsConfig,
+    Thresholds,
 )
 from twarga_lab.services.metrics.history import read_history
 from twarga_lab.services.metrics.probes import (
@@ -60,25 +65,94 @@ log = logging.getLogger(__name__)
 # -- the service -------------------------------------------------------------------------
 
 
-class MetricsService:
+class PositiveFloat(Float):
+    """A float trait that must be above zero."""
+
+    def validate(self, obj: Any, value: Any) -> float:
+        value = float(super().validate(obj, value))
+        if value <= 0:
+            raise TraitError(f"{self.name} must be positive")
+        return value
+
+
+def default_scrape_token() -> str:
+    """The scrape token when none is configured: ``$TWARGA_METRICS_SCRAPE_TOKEN``."""
+    return os.environ.get("TWARGA_METRICS_SCRAPE_TOKEN", "")
+
+
+class MetricsService(LoggingConfigurable):
     """Collects, stores, answers and exports metrics."""
+
+    interval = PositiveFloat(
+        10.0,
+        help="""Seconds between two metric collections: the host (psutil) and the state and
+        CPU time of every VM in one bulk libvirt call.""",
+    ).tag(config=True)
+    slow_interval = PositiveFloat(
+        30.0,
+        help="""Seconds between two reads of the VMs' memory, disk and network counters (a
+        heavier libvirt call; 30-60 s is sensible).""",
+    ).tag(config=True)
+    raw_retention_hours = Float(
+        Retention.raw / 3600, help="Hours raw metric samples are kept (24 h windows read them)."
+    ).tag(config=True)
+    minute_retention_days = Float(
+        Retention.minute / 86400,
+        help="Days 1-minute metric rollups (average, minimum, maximum) are kept.",
+    ).tag(config=True)
+    hour_retention_days = Float(
+        Retention.hour / 86400,
+        help="Days 1-hour metric rollups are kept; also the longest history window.",
+    ).tag(config=True)
+    prune_interval = Float(
+        600.0, help="Seconds between two deletions of metrics past their retention."
+    ).tag(config=True)
+    cpu_threshold = Float(
+        Thresholds.cpu, help="CPU usage (%) of the host or a VM that raises a warning event."
+    ).tag(config=True)
+    memory_threshold = Float(
+        Thresholds.memory,
+        help="Memory usage (%) of the host or a VM that raises a warning event.",
+    ).tag(config=True)
+    disk_threshold = Float(
+        Thresholds.disk, help="Disk usage (%) of the host or a VM that raises a warning event."
+    ).tag(config=True)
+    threshold_seconds = Float(
+        Thresholds.hold_seconds,
+        help="""Seconds a value must stay above its threshold before the warning event, and
+        at or below it before the recovery event (one event each way).""",
+    ).tag(config=True)
+    scrape_token = Unicode(
+        help="""Bearer token a Prometheus server sends to ``GET /twarga/metrics``
+        (``Authorization: Bearer <token>``). Empty: only admins may read the exposition.""",
+    ).tag(config=True)
+
+    @default("scrape_token")
+    def _default_scrape_token(self) -> str:
+        return default_scrape_token()
 
     def __init__(
         self,
         db: Database,
         backend: HypervisorBackend | None,
-        config: MetricsConfig,
+        *,
+        domain_prefix: str,
+        disk_path: Path,
         store: MetricStore | None = None,
+        **kwargs: Any,
     ) -> None:
+        """``domain_prefix``: the libvirt domains that are ours; ``disk_path``: where the
+        host's disk usage is read (the VM folder)."""
+        super().__init__(**kwargs)
         self.db = db
         self.backend = backend
-        self.config = config
-        self.store = store or MetricStore(db, config.retention)
-        self.host_reader = HostReader(config.disk_path)
+        self.domain_prefix = domain_prefix
+        self.store = store or MetricStore(db, self.retention)
+        self.host_reader = HostReader(disk_path)
         self.reader = (
-            DomainStatsReader(backend.call, config.domain_prefix) if backend is not None else None
+            DomainStatsReader(backend.call, domain_prefix) if backend is not None else None
         )
-        self.thresholds = ThresholdWatch(config.thresholds)
+        self.thresholds = ThresholdWatch(self.limits)
         self.probe = LoopLagProbe()
         self._lock = threading.RLock()
         self._host: dict[str, Any] | None = None
@@ -96,6 +170,25 @@ class MetricsService:
         self.ticks = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PrometheusExposition(self))
+
+    @property
+    def retention(self) -> Retention:
+        """How long each tier of the store is kept, from the settings."""
+        return Retention(
+            raw=self.raw_retention_hours * 3600,
+            minute=self.minute_retention_days * 86400,
+            hour=self.hour_retention_days * 86400,
+        )
+
+    @property
+    def limits(self) -> Thresholds:
+        """The warning thresholds, from the settings."""
+        return Thresholds(
+            cpu=self.cpu_threshold,
+            memory=self.memory_threshold,
+            disk=self.disk_threshold,
+            hold_seconds=self.threshold_seconds,
+        )
 
     # -- blocking work (the metrics thread) -------------------------------------------------
 
@@ -192,7 +285,7 @@ class MetricsService:
                 .join(User, VM.owner_id == User.id)
                 .where(VM.status != VMStatus.destroyed, VM.domain_name.is_not(None))
             ).all()
-        prefix = self.config.domain_prefix
+        prefix = self.domain_prefix
         index = {
             domain: VMRef(vm_id, name, owner, domain, cpu)
             for vm_id, name, domain, owner, cpu in rows
@@ -218,7 +311,7 @@ class MetricsService:
             owners = {ref.vm_id: (ref.name, ref.owner) for ref in self._by_domain.values()}
         if not changes:
             return
-        limits = self.config.thresholds
+        limits = self.limits
         with self.db.session() as session:
             for (entity, entity_id, metric), value, change in changes:
                 limit = limits.limit(metric)
@@ -254,7 +347,7 @@ class MetricsService:
 
     def on_lifecycle(self, event: LifecycleEvent) -> None:
         """A domain changed state (libvirt's thread): its XML and our VM list may have."""
-        if not event.domain.startswith(self.config.domain_prefix):
+        if not event.domain.startswith(self.domain_prefix):
             return
         if self.reader is not None:
             self.reader.forget(event.domain)
@@ -283,11 +376,11 @@ class MetricsService:
 
     def history(self, query: HistoryQuery) -> dict[str, Any]:
         """The points of one metric of the host or one VM in a window."""
-        return read_history(self.store, query, catalogue.clock(), self.config)
+        return read_history(self.store, query, catalogue.clock(), self.retention, self.interval)
 
     def max_window(self) -> float:
         """The longest window a history query may ask for: what the 1-hour tier keeps."""
-        return self.config.retention.hour
+        return self.retention.hour
 
     def snapshot(self) -> tuple[dict[str, Any] | None, list[VMReading]]:
         """The latest host reading and copies of the VM readings (for the exposition)."""
@@ -332,7 +425,7 @@ class MetricsService:
         except Exception:
             log.exception("metrics: reading back the open buckets failed; starting empty")
         next_slow = loop.time()
-        next_prune = loop.time() + self.config.prune_interval
+        next_prune = loop.time() + self.prune_interval
         while True:
             started = loop.time()
             try:
@@ -340,12 +433,12 @@ class MetricsService:
             except Exception:
                 log.exception("metrics collection failed")
             if loop.time() >= next_slow:
-                next_slow = loop.time() + self.config.slow_interval
+                next_slow = loop.time() + self.slow_interval
                 self._side(self.collect_slow, "slow")
             if loop.time() >= next_prune:
-                next_prune = loop.time() + self.config.prune_interval
+                next_prune = loop.time() + self.prune_interval
                 self._side(self.prune, "prune")
-            await asyncio.sleep(max(0.0, self.config.interval - (loop.time() - started)))
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 
     def start(self) -> None:
         """Start the collector and the loop-lag probe on the running loop."""

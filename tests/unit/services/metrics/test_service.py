@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 
 import libvirt
 import psutil
@@ -19,9 +20,7 @@ from twarga_lab.services import metrics as metrics_module
 from twarga_lab.services.metrics import (
     HostReader,
     LoopLagProbe,
-    MetricsConfig,
     MetricsService,
-    Thresholds,
 )
 from twarga_lab.virt.backend import DomainState
 from twarga_lab.virt.libvirt_backend import LibvirtBackend
@@ -86,7 +85,7 @@ def test_slow_records_and_domain_xml_are_parsed():
 
 
 def test_cpu_usage_comes_from_cpu_time_deltas_per_vcpu(db):
-    service = MetricsService(db, None, MetricsConfig())
+    service = MetricsService(db, None, domain_prefix="twarga-", disk_path=Path("/"))
     reading = metrics_module.VMReading(1, "web", "alice", "d")
     running = DomainState.running
     assert reading.apply_fast(FastStats("d", running, 10_000_000_000), 2, 100.0) is None
@@ -125,8 +124,10 @@ def events(db: Database) -> list[Event]:
 
 
 def test_a_threshold_crossing_and_recovery_give_exactly_two_events(db, monkeypatch):
-    config = MetricsConfig(thresholds=Thresholds(cpu=80.0, hold_seconds=30.0))
-    service = MetricsService(db, None, config)
+    service = MetricsService(
+        db, None, domain_prefix="twarga-", disk_path=Path("/"), cpu_threshold=80.0,
+        threshold_seconds=30.0,
+    )  # fmt: skip
     host_cpu = ("host", 0, "cpu_usage")
     # Above for 20 s only: no event. Above for 30 s: one warning, however long it stays.
     # Below for 10 s then above again: still the same alarm. Below for 30 s: one info.
@@ -147,8 +148,10 @@ def test_vm_threshold_events_name_the_vm_and_its_owner(db):
     backend = LibvirtBackend("test:///default")
     prefix = f"tm{uuid.uuid4().hex[:6]}-"
     vm_id = add_vm(db, f"{prefix}1-web-1")
-    config = MetricsConfig(domain_prefix=prefix, thresholds=Thresholds(memory=50, hold_seconds=0))
-    service = MetricsService(db, backend, config)
+    service = MetricsService(
+        db, backend, domain_prefix=prefix, disk_path=Path("/"), memory_threshold=50,
+        threshold_seconds=0,
+    )  # fmt: skip
     service._refresh_vm_index(0.0, {})
     service._check_thresholds({("vm", vm_id, "memory_usage"): 75.0}, 1.0)
     service._check_thresholds({("vm", vm_id, "memory_usage"): 20.0}, 2.0)
@@ -182,7 +185,7 @@ def test_the_prometheus_exposition_parses(db, tmp_path, test_domain):
     prefix, name = test_domain
     vm_id = add_vm(db, name)
     backend = LibvirtBackend("test:///default")
-    service = MetricsService(db, backend, MetricsConfig(domain_prefix=prefix, disk_path=tmp_path))
+    service = MetricsService(db, backend, domain_prefix=prefix, disk_path=tmp_path)
     service.open()
     service.collect()
     service.collect_slow()
