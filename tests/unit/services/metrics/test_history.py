@@ -1,37 +1,36 @@
-"""History reads: the resolution chosen for a window, step averaging, the points' shape,
-and ``network`` as the sum of both directions, from a real metric store on SQLite."""
+"""History reads of checked requests (``schemas.metrics.HistoryQuery``): the resolution
+chosen for a window, step averaging, the points' shape, and ``network`` as the sum of both
+directions, from a real metric store on SQLite."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from twarga_lab.db import Database
+from twarga_lab.schemas.metrics import HistoryQuery
 from twarga_lab.services.metric_store import HOUR, MINUTE, RAW, MetricStore, Retention
 from twarga_lab.services.metrics.history import choose_resolution, downsample, read_history
 
+
+def history_query(entity, entity_id, metric, since, until, step=None, series=()) -> HistoryQuery:
+    """A checked history request, as the handler passes it on."""
+    return HistoryQuery(
+        entity=entity,
+        entity_id=entity_id,
+        metric=metric,
+        since=since,
+        until=until,
+        step=step,
+        series=series,
+    )
+
+
 T0 = 1_800_000_000 - 1_800_000_000 % 86400  # a midnight UTC
 RETENTION = Retention(raw=3600.0, minute=86400.0, hour=30 * 86400.0)
-
-
-@dataclass(frozen=True)
-class Query:
-    """The fields of a checked history request that reading uses."""
-
-    entity: str
-    entity_id: int | None
-    metric: str
-    since: float
-    until: float
-    step: float | None = None
-    series: tuple[str, ...] = ()
-
-    def series_names(self) -> tuple[str, ...]:
-        return self.series or (self.metric,)
 
 
 @pytest.fixture
@@ -64,8 +63,8 @@ def store(tmp_path: Path) -> Iterator[MetricStore]:
 )
 def test_the_resolution_follows_the_step_and_the_retention(window, step, age, resolution):
     now = T0 + 10 * 86400
-    query = Query("host", None, "cpu_usage", now - age - window, now - age, step)
-    assert choose_resolution(query, now, RETENTION) == resolution  # type: ignore[arg-type]
+    query = history_query("host", None, "cpu_usage", now - age - window, now - age, step)
+    assert choose_resolution(query, now, RETENTION) == resolution
 
 
 def test_downsampling_averages_epoch_aligned_buckets():
@@ -79,8 +78,8 @@ def test_downsampling_averages_epoch_aligned_buckets():
 
 
 def test_raw_points_of_one_vm_in_the_window(store):
-    query = Query("vm", 7, "cpu_usage", T0 + 100, T0 + 150)
-    body = read_history(store, query, T0 + 600, RETENTION, 10.0)  # type: ignore[arg-type]
+    query = history_query("vm", 7, "cpu_usage", T0 + 100, T0 + 150)
+    body = read_history(store, query, T0 + 600, RETENTION, 10.0)
     assert body == {
         "entity": "vm",
         "id": 7,
@@ -102,14 +101,14 @@ def test_raw_points_of_one_vm_in_the_window(store):
 
 
 def test_a_step_above_the_interval_averages_the_points(store):
-    query = Query("vm", 7, "cpu_usage", T0, T0 + 119, step=30.0)
-    body = read_history(store, query, T0 + 600, RETENTION, 10.0)  # type: ignore[arg-type]
+    query = history_query("vm", 7, "cpu_usage", T0, T0 + 119, step=30.0)
+    body = read_history(store, query, T0 + 600, RETENTION, 10.0)
     assert body["resolution"] == "raw" and body["step"] == 30.0
     assert [value for _, value in body["points"]] == [1.0, 4.0, 7.0, 10.0]
 
 
 def test_network_is_both_directions_and_their_sum(store):
-    query = Query(
+    query = history_query(
         "vm",
         7,
         "network",
@@ -117,7 +116,7 @@ def test_network_is_both_directions_and_their_sum(store):
         T0 + 20,
         series=("net_sent_bytes_per_s", "net_recv_bytes_per_s"),
     )
-    body = read_history(store, query, T0 + 600, RETENTION, 10.0)  # type: ignore[arg-type]
+    body = read_history(store, query, T0 + 600, RETENTION, 10.0)
     assert body["metric"] == "network" and body["unit"] == "B/s"
     assert [v for _, v in body["series"]["net_sent_bytes_per_s"]] == [100.0, 100.0, 100.0]
     assert [v for _, v in body["series"]["net_recv_bytes_per_s"]] == [0.0, 0.5, 1.0]
@@ -125,6 +124,6 @@ def test_network_is_both_directions_and_their_sum(store):
 
 
 def test_an_unknown_vm_has_no_points(store):
-    query = Query("vm", 9, "cpu_usage", T0, T0 + 600)
-    body = read_history(store, query, T0 + 600, RETENTION, 10.0)  # type: ignore[arg-type]
+    query = history_query("vm", 9, "cpu_usage", T0, T0 + 600)
+    body = read_history(store, query, T0 + 600, RETENTION, 10.0)
     assert body["points"] == []
