@@ -17,10 +17,11 @@ from sqlalchemy import func, select
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, AuthFailure, Event, User, VMStatus
 from twarga_lab.errors import Forbidden
+from twarga_lab.schemas.soc import EventQuery
 from twarga_lab.services import Identity
 from twarga_lab.services.bans import record_failure
 from twarga_lab.services.events import EventType, Severity, record_event
-from twarga_lab.services.soc import EventQuery, FloodNotice, SocService, SshObservation
+from twarga_lab.services.soc import FloodNotice, SocService, SshObservation
 from twarga_lab.services.sshlog import SshEvent, SshEventKind
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
