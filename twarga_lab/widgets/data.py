@@ -44,6 +44,7 @@ RANGES: dict[str, tuple[str, float | None]] = {
 VM_COLUMNS = ("Name", "Status", "IP", "SSH", "Uptime", "Size", "Image")
 USER_COLUMNS = ("User", "Credits", "VMs", "RAM (MB)", "vCPUs", "Disk (GB)", "Active")
 EVENT_COLUMNS = ("Time", "Severity", "Type", "Message", "User", "VM", "Source")
+SNAPSHOT_COLUMNS = ("Name", "Taken", "State")
 _QUOTED_FIELD = re.compile(r"^(?:unknown field )?'(\w+)'")
 
 
@@ -158,6 +159,22 @@ def vm_options(vms: Iterable[Mapping[str, Any]], owner: bool = False) -> list[tu
         label = f"{vm['owner']}/{vm['name']}" if owner else vm["name"]
         options.append((f"{label} ({vm.get('status')})", int(vm["id"])))
     return options
+
+
+def snapshot_rows(snapshots: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows of a VM's snapshots (``vm.snapshots()`` records: name, created_at,
+    state); the time is UTC, as the service gives it."""
+    rows = []
+    for snapshot in snapshots:
+        state = str(snapshot.get("state") or "")
+        rows.append(
+            {
+                "Name": snapshot.get("name"),
+                "Taken": f"{_time_label(snapshot.get('created_at'))} UTC",
+                "State": badge(state, STATUS_COLORS.get(state, "#555")),
+            }
+        )
+    return rows
 
 
 def account_summary(me: Mapping[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""``VMDashboard``: my VMs with their actions, a create form, my credits and quota."""
+"""``VMDashboard``: my VMs with their actions and snapshots, a create form, my credits and
+quota."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ from typing import Any
 
 import bqplot as bq
 import ipywidgets as widgets
-from traitlets import Bool, Instance, Int, List, observe
+from traitlets import Bool, Dict, Instance, Int, List, Unicode, observe
 
 from twarga_lab.client import VM, Lab, TwargaAPIError
 from twarga_lab.widgets.base import LivePanel, dispatch
 from twarga_lab.widgets.data import (
+    SNAPSHOT_COLUMNS,
     VM_COLUMNS,
     account_summary,
     error_field,
     html_table,
     quota_use,
+    snapshot_rows,
     vm_options,
     vm_rows,
 )
@@ -29,6 +32,9 @@ ACTIONS = {
     "restart": ("Restart", "", "refresh"),
     "force-stop": ("Force stop", "warning", "power-off"),
 }
+# Statuses in which a VM's snapshots can be taken, reverted to and deleted (the service
+# answers 409 in the others).
+SNAPSHOT_READY = ("running", "paused", "stopped", "error")
 
 
 def _note(text: str, color: str = "#333") -> str:
@@ -166,9 +172,252 @@ class VMActionBar(widgets.VBox):
         self.result.value = _note(f"⚠ {html.escape(error.message)}", "#b71c1c")
 
 
+def list_snapshots(lab: Lab, vm: dict[str, Any]) -> list[dict[str, Any]]:
+    """VM ``vm``'s snapshots as records (name, created_at, state), oldest first."""
+    return VM(lab, vm).snapshots().to_dict("records")
+
+
+class VMSnapshots(widgets.VBox):
+    """The snapshots of one VM (``vm``, a ``VM.to_dict()`` shape, or None): a table, a name
+    and "Take snapshot", and Revert / Delete of the snapshot chosen in ``picker``, each taking
+    a second click on "Confirm ...". What happens (and the service's refusals) is written to
+    ``result``; ``after`` runs after a revert (it changes the VM)."""
+
+    lab = Instance(Lab)
+    vm = Dict(default_value=None, allow_none=True, help="The VM whose snapshots are shown.")
+    snapshots = List(help="Its snapshots: records with name, created_at and state.")
+    list_error = Unicode("", help="Why the snapshots could not be listed ('' when they were).")
+    armed = Unicode("", help="The action ('revert', 'delete') awaiting confirmation.")
+
+    def __init__(
+        self,
+        lab: Lab,
+        result: widgets.HTML | None = None,
+        after: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.lab = lab
+        self._after = after
+        self._armed_name: str | None = None
+        self.heading = widgets.HTML("")
+        self.table = widgets.HTML("")
+        self.name = widgets.Text(description="Snapshot", placeholder="before-upgrade")
+        self.take_button = widgets.Button(
+            description="Take snapshot", button_style="primary", icon="camera"
+        )
+        self.take_button.on_click(lambda _: self.take())
+        self.picker = widgets.Dropdown(description="Snapshot", options=[], value=None)
+        self.revert_button = widgets.Button(description="Revert", button_style="", icon="undo")
+        self.revert_button.on_click(lambda _: self.arm("revert"))
+        self.delete_button = widgets.Button(
+            description="Delete", button_style="danger", icon="trash"
+        )
+        self.delete_button.on_click(lambda _: self.arm("delete"))
+        self.confirm_button = widgets.Button(
+            description="Confirm",
+            button_style="danger",
+            disabled=True,
+            layout=widgets.Layout(display="none"),
+        )
+        self.confirm_button.on_click(lambda _: self.confirm())
+        self.result = result if result is not None else widgets.HTML("")
+        self.picker.observe(lambda _: self._disarm(), names="value")
+        self.children = [
+            self.heading,
+            self.table,
+            widgets.HBox([self.name, self.take_button]),
+            widgets.HBox(
+                [self.picker, self.revert_button, self.delete_button, self.confirm_button]
+            ),
+            *([] if result is not None else [self.result]),
+        ]
+        self._show()
+
+    # -- state ----------------------------------------------------------------------------
+
+    @observe("vm")
+    def _vm_changed(self, change: dict[str, Any]) -> None:
+        old, new = change["old"], change["new"]
+        if (old or {}).get("id") != (new or {}).get("id"):
+            self.snapshots, self.list_error = [], ""
+            self._disarm()
+            if new is not None:
+                self.load()
+        self._show()
+
+    @observe("snapshots", "list_error")
+    def _listed(self, _: Any) -> None:
+        self._show()
+
+    @observe("armed")
+    def _armed_changed(self, change: dict[str, Any]) -> None:
+        action, name = change["new"], self._armed_name
+        with self.confirm_button.hold_sync():
+            self.confirm_button.disabled = not action
+            self.confirm_button.layout.display = "" if action else "none"
+            self.confirm_button.description = (
+                f"Confirm {action} {'to' if action == 'revert' else 'of'} {name}"
+                if action
+                else "Confirm"
+            )
+
+    def _disarm(self) -> None:
+        self._armed_name = None
+        self.armed = ""
+
+    def _show(self) -> None:
+        vm = self.vm
+        self.layout.display = "none" if vm is None else ""
+        if vm is None:
+            return
+        name = html.escape(vm["name"])
+        self.heading.value = f"<b>Snapshots of {name}</b>"
+        if self.list_error:
+            self.table.value = _note(
+                f"The snapshots cannot be listed: {html.escape(self.list_error)}", "#b71c1c"
+            )
+        else:
+            self.table.value = html_table(
+                SNAPSHOT_COLUMNS,
+                snapshot_rows(self.snapshots),
+                empty=f"No snapshots of {vm['name']} yet: take one below.",
+            )
+        names = [snapshot["name"] for snapshot in self.snapshots]
+        with self.picker.hold_sync():
+            current = self.picker.value
+            if list(self.picker.options) != names:
+                self.picker.options = names
+            self.picker.value = current if current in names else (names[-1] if names else None)
+        ready = vm.get("status") in SNAPSHOT_READY
+        self.take_button.disabled = not ready
+        self.revert_button.disabled = self.delete_button.disabled = (
+            not ready or self.picker.value is None
+        )
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """List the VM's snapshots again."""
+        vm = self.vm
+        if vm is None:
+            return
+        dispatch(
+            lambda: list_snapshots(self.lab, vm),
+            lambda rows: self._loaded(vm["id"], rows),
+            lambda error: self._load_failed(vm["id"], error),
+        )
+
+    def apply(self, vm_id: int, rows: list[dict[str, Any]] | None, error: str = "") -> None:
+        """Show snapshots listed elsewhere (the dashboard's refresh), if still for this VM."""
+        if self.vm is None or self.vm["id"] != vm_id:
+            return
+        if rows is None:
+            self.list_error = error
+        else:
+            self.snapshots, self.list_error = rows, ""
+
+    def _loaded(self, vm_id: int, rows: list[dict[str, Any]]) -> None:
+        self.apply(vm_id, rows)
+
+    def _load_failed(self, vm_id: int, error: TwargaAPIError) -> None:
+        self.apply(vm_id, None, error.message)
+
+    def take(self) -> None:
+        """Take a snapshot named as the name field says."""
+        vm, name = self.vm, self.name.value.strip()
+        if vm is None:
+            return
+        self._disarm()
+        if not name:
+            self._fail_text("Give the snapshot a name, e.g. before-upgrade.")
+            return
+        self.result.value = _note(f"taking snapshot {html.escape(name)}…", "#555")
+        self.take_button.disabled = True
+
+        def work() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            taken = VM(self.lab, vm).snapshot(name)
+            return taken, list_snapshots(self.lab, vm)
+
+        def done(answer: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+            taken, rows = answer
+            self.name.value = ""
+            self.apply(vm["id"], rows)
+            self._done(f"snapshot {taken['name']} of {vm['name']} taken ({taken['state']})")
+
+        dispatch(work, done, self._fail)
+
+    def arm(self, action: str) -> None:
+        """First click on Revert or Delete: ask for a confirmation."""
+        vm, name = self.vm, self.picker.value
+        if vm is None or name is None:
+            return
+        self._armed_name = name
+        self.armed = ""  # a new confirmation, even for the same action
+        self.armed = action
+        what = (
+            f"Revert <b>{html.escape(vm['name'])}</b> to snapshot <b>{html.escape(name)}</b>? "
+            "What changed on it since then is lost."
+            if action == "revert"
+            else f"Delete snapshot <b>{html.escape(name)}</b> of "
+            f"<b>{html.escape(vm['name'])}</b>? It cannot be undone."
+        )
+        self.result.value = _note(f"{what} Click “Confirm …” to go on.", "#b71c1c")
+
+    def confirm(self) -> None:
+        """Second click: revert to, or delete, the snapshot the confirmation was asked for."""
+        vm, action, name = self.vm, self.armed, self._armed_name
+        self._disarm()
+        if vm is None or not action or name is None:
+            return
+        if action == "revert":
+            self.result.value = _note(
+                f"reverting {html.escape(vm['name'])} to {html.escape(name)}…", "#555"
+            )
+
+            def revert() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                after = VM(self.lab, vm).revert(name).to_dict()
+                return after, list_snapshots(self.lab, after)
+
+            def reverted(answer: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+                after, rows = answer
+                if self.vm is not None and self.vm["id"] == after["id"]:
+                    self.vm = after
+                self.apply(after["id"], rows)
+                self._done(f"{after['name']} reverted to {name}: it is {after['status']}")
+                if self._after is not None:
+                    self._after()
+
+            dispatch(revert, reverted, self._fail)
+            return
+        self.result.value = _note(f"deleting snapshot {html.escape(name)}…", "#555")
+
+        def delete() -> list[dict[str, Any]]:
+            VM(self.lab, vm).delete_snapshot(name)
+            return list_snapshots(self.lab, vm)
+
+        def deleted(rows: list[dict[str, Any]]) -> None:
+            self.apply(vm["id"], rows)
+            self._done(f"snapshot {name} of {vm['name']} deleted")
+
+        dispatch(delete, deleted, self._fail)
+
+    def _done(self, text: str) -> None:
+        self.result.value = _note(html.escape(text), "#1b5e20")
+        self._show()
+
+    def _fail_text(self, text: str) -> None:
+        self.result.value = _note(f"⚠ {html.escape(text)}", "#b71c1c")
+        self._show()
+
+    def _fail(self, error: TwargaAPIError) -> None:
+        self._fail_text(error.message)
+
+
 class VMDashboard(LivePanel):
-    """My VMs: status, IP, SSH port and uptime; start, stop, restart and destroy; a create
-    form whose errors show next to their field; my credits and quota use.
+    """My VMs: status, IP, SSH port and uptime; start, stop, restart and destroy; the chosen
+    VM's snapshots (take, revert, delete); a create form whose errors show next to their
+    field; my credits and quota use.
 
         >>> dash = VMDashboard(lab)
         >>> dash.start()      # live refresh every `interval` seconds
@@ -200,6 +449,11 @@ class VMDashboard(LivePanel):
         )
         self.table = widgets.HTML("")
         self.actions = VMActionBar(self.lab, after=self.request_refresh)
+        # Its results and refusals show in the action bar's status line, under the picker.
+        self.snapshots = VMSnapshots(
+            self.lab, result=self.actions.result, after=self.request_refresh
+        )
+        self.actions.observe(lambda _: self._select(), names=["selected", "vms"])
         self.fields: dict[str, widgets.DOMWidget] = {
             "name": widgets.Text(description="Name", placeholder="web-1"),
             "image": widgets.Dropdown(description="Image", options=[]),
@@ -228,6 +482,7 @@ class VMDashboard(LivePanel):
             self.account,
             self.table,
             self.actions,
+            self.snapshots,
             widgets.HBox([form, self.quota_chart]),
         ]
 
@@ -235,13 +490,23 @@ class VMDashboard(LivePanel):
     def _lab_changed(self, change: dict[str, Any]) -> None:
         if hasattr(self, "actions"):
             self.actions.lab = change["new"]
+            self.snapshots.lab = change["new"]
+
+    def _select(self) -> None:
+        """The snapshots follow the VM chosen in the action bar (and its status)."""
+        self.snapshots.vm = self.actions._vm(self.actions.selected)
 
     def load(self) -> dict[str, Any]:
-        return {
-            "me": self.lab.me(),
-            "vms": [vm.to_dict() for vm in self.lab.vms.list()],
-            "images": self.lab.images(),
-        }
+        vms = [vm.to_dict() for vm in self.lab.vms.list()]
+        selected = self.snapshots.vm
+        listed: tuple[int, list[dict[str, Any]] | None, str] | None = None
+        if selected is not None and any(vm["id"] == selected["id"] for vm in vms):
+            # A VM that cannot list its snapshots (still being created) is not an outage.
+            try:
+                listed = (selected["id"], list_snapshots(self.lab, selected), "")
+            except TwargaAPIError as error:
+                listed = (selected["id"], None, error.message)
+        return {"me": self.lab.me(), "vms": vms, "images": self.lab.images(), "snapshots": listed}
 
     def show(self, data: dict[str, Any]) -> None:
         self.account.value = account_summary(data["me"])
@@ -252,6 +517,8 @@ class VMDashboard(LivePanel):
             VM_COLUMNS, vm_rows(data["vms"]), empty="No VMs yet: create one below."
         )
         self.actions.vms = data["vms"]
+        if data.get("snapshots") is not None:
+            self.snapshots.apply(*data["snapshots"])
         names = [image["name"] for image in data["images"]]
         image = self.fields["image"]
         if list(image.options) != names:
