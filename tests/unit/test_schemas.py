@@ -12,11 +12,15 @@ from twarga_lab.errors import InvalidRequest, TwargaError, ValidationFailed
 from twarga_lab.schemas import (
     SCHEMAS,
     UNSET,
+    CreateSnapshot,
+    CreateVM,
     EventQuery,
     GrantCredits,
     HistoryQuery,
     SetQuota,
     SetSSHKey,
+    UpdateVM,
+    VMAction,
 )
 from twarga_lab.schemas.me import MAX_SSH_KEY_CHARS
 
@@ -63,6 +67,67 @@ def test_bool_is_not_an_integer_nor_a_float_an_integer() -> None:
         400,
         "bad_type",
     )
+
+
+# -- VMs -----------------------------------------------------------------------------
+
+
+def test_a_create_needs_only_a_name() -> None:
+    request = CreateVM.from_body({"name": "web-1"})
+    assert request == CreateVM("web-1")
+    assert (request.image_name, request.ram, request.cpu, request.disk) == (None, None, None, None)
+
+
+def test_a_create_takes_the_seeds_os_type_as_the_image() -> None:
+    seed = CreateVM.from_body({"name": "web", "os_type": "twarga/tiny", "ram": 1024})
+    assert (seed.image_name, seed.image_field, seed.ram) == ("twarga/tiny", "os_type", 1024)
+    ours = CreateVM.from_body({"name": "web", "image": "debian/12", "cpu": 2, "disk": 20})
+    assert (ours.image_name, ours.image_field, ours.cpu, ours.disk) == ("debian/12", "image", 2, 20)
+    both = CreateVM.from_body({"name": "web", "image": "debian/12", "os_type": "debian/12"})
+    assert both.image_name == "debian/12"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, (400, "missing_field", None)),
+        ({"image": "twarga/tiny"}, (400, "missing_field", None)),
+        ({"name": "web", "colour": "red"}, (400, "unknown_field", None)),
+        ({"name": "web", "ram": "1024"}, (400, "bad_type", None)),
+        ({"name": "web", "ram": 1024.0}, (400, "bad_type", None)),
+        ({"name": "web", "cpu": True}, (400, "bad_type", None)),
+        ({"name": "web", "image": None}, (400, "bad_type", None)),
+        ({"name": "Web"}, (422, "invalid_name", "name")),
+        ({"name": "web\n"}, (422, "invalid_name", "name")),
+        ({"name": "a" * 64}, (422, "invalid_name", "name")),
+        (
+            {"name": "web", "image": "twarga/tiny", "os_type": "debian/12"},
+            (422, "conflicting_fields", "os_type"),
+        ),
+        # The name is checked before the image's two names, as the API always did.
+        ({"name": "Web", "image": "a/b", "os_type": "c/d"}, (422, "invalid_name", "name")),
+    ],
+)
+def test_a_bad_create_is_refused(body: dict[str, Any], expected: tuple) -> None:
+    assert refusal(CreateVM.from_body, body) == expected
+
+
+def test_an_update_names_only_what_it_changes() -> None:
+    assert UpdateVM.from_body({}).changes() == {}
+    update = UpdateVM.from_body({"ram": 1024, "name": "db"})
+    assert update.changes() == {"name": "db", "ram": 1024}
+    assert update.cpu is UNSET
+    assert refusal(UpdateVM.from_body, {"name": "DB"}) == (422, "invalid_name", "name")
+    assert refusal(UpdateVM.from_body, {"disk": 20}) == (400, "unknown_field", None)
+    assert refusal(UpdateVM.from_body, {"ram": None}) == (400, "bad_type", None)
+
+
+def test_actions_and_snapshots_need_their_one_field() -> None:
+    assert VMAction.from_body({"action": "start"}).action == "start"
+    assert CreateSnapshot.from_body({"name": "s1"}).name == "s1"
+    assert refusal(VMAction.from_body, {}) == (400, "missing_field", None)
+    assert refusal(VMAction.from_body, {"action": 1}) == (400, "bad_type", None)
+    assert refusal(CreateSnapshot.from_body, {"name": "s1", "memory": True})[1] == "unknown_field"
 
 
 # -- SSH key -------------------------------------------------------------------------
@@ -263,6 +328,10 @@ def test_every_schema_describes_its_fields() -> None:
     grant = {d.name: d for d in GrantCredits.describe()}
     assert grant["amount"].required and grant["amount"].types == ("integer", "number")
     assert SetSSHKey.describe()[0].required  # must be named, even as null
+    create = {d.name: d for d in CreateVM.describe()}
+    assert create["image"].aliases == ("os_type",) and "os_type" not in create
+    assert create["name"].required and not create["ram"].required
+    assert set(CreateVM.body_types()) == {"name", "image", "os_type", "ram", "cpu", "disk"}
 
 
 def test_query_schemas_list_the_names_they_read() -> None:

@@ -16,7 +16,7 @@ from twarga_lab.errors import (
     TwargaError,
     Unauthorized,
 )
-from twarga_lab.schemas import Request, check_types
+from twarga_lab.schemas import Request
 from twarga_lab.services import Identity
 
 if TYPE_CHECKING:  # app imports the handlers: a runtime import would be a circle
@@ -82,12 +82,6 @@ class TwargaAPIHandler(ScrubbedLogMixin, ExtensionHandlerMixin, APIHandler):
             return json.loads(raw)
         except ValueError:
             raise InvalidRequest("the request body is not valid JSON", "bad_json") from None
-
-    def read_json(
-        self, types: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
-        """The request's JSON body, checked against ``types``."""
-        return check_types(self.json_body(), types, required)
 
     def query_args(self, schema: type[Request]) -> dict[str, str | None]:
         """The query arguments ``schema`` reads (its fields and the seed's aliases), each

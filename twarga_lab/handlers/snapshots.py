@@ -7,6 +7,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from twarga_lab.handlers.base import TwargaAPIHandler
+from twarga_lab.schemas import CreateSnapshot, VMAction
 
 
 class SnapshotListHandler(TwargaAPIHandler):
@@ -18,8 +19,9 @@ class SnapshotListHandler(TwargaAPIHandler):
     @web.authenticated
     @authorized
     async def post(self, vm_id: str) -> None:
-        body = self.read_json({"name": str}, required=("name",))
-        snapshot = await self.services.snapshots.create(self.identity, int(vm_id), body["name"])
+        request = CreateSnapshot.from_body(self.json_body())
+        snapshots = self.services.snapshots
+        snapshot = await snapshots.create(self.identity, int(vm_id), request.name)
         location = f"twarga/api/vms/{int(vm_id)}/snapshots/{snapshot['name']}"
         self.set_header("Location", url_path_join(self.base_url, location))
         self.write_json(snapshot, status=201)
@@ -29,9 +31,9 @@ class SnapshotHandler(TwargaAPIHandler):
     @web.authenticated
     @authorized
     async def post(self, vm_id: str, name: str) -> None:
-        body = self.read_json({"action": str}, required=("action",))
+        request = VMAction.from_body(self.json_body())
         snapshots = self.services.snapshots
-        self.write_json(await snapshots.action(self.identity, int(vm_id), name, body["action"]))
+        self.write_json(await snapshots.action(self.identity, int(vm_id), name, request.action))
 
     @web.authenticated
     @authorized

@@ -7,16 +7,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from twarga_lab.handlers.base import TwargaAPIHandler
-
-CREATE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "name": str,
-    "image": str,
-    "os_type": str,  # the seed's (Twarga Cloud's) name for ``image``
-    "ram": int,
-    "cpu": int,
-    "disk": int,
-}
-PATCH_FIELDS: dict[str, type | tuple[type, ...]] = {"name": str, "ram": int, "cpu": int}
+from twarga_lab.schemas import CreateVM, UpdateVM, VMAction
 
 
 class VMListHandler(TwargaAPIHandler):
@@ -29,8 +20,8 @@ class VMListHandler(TwargaAPIHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        body = self.read_json(CREATE_FIELDS, required=("name",))
-        vm = await self.services.vms.create(self.identity, body)
+        request = CreateVM.from_body(self.json_body())
+        vm = await self.services.vms.create(self.identity, request)
         self.set_header("Location", url_path_join(self.base_url, "twarga/api/vms", str(vm["id"])))
         self.write_json(vm, status=201)
 
@@ -44,8 +35,8 @@ class VMHandler(TwargaAPIHandler):
     @web.authenticated
     @authorized
     async def patch(self, vm_id: str) -> None:
-        body = self.read_json(PATCH_FIELDS)
-        self.write_json(await self.services.vms.update(self.identity, int(vm_id), body))
+        request = UpdateVM.from_body(self.json_body())
+        self.write_json(await self.services.vms.update(self.identity, int(vm_id), request))
 
     @web.authenticated
     @authorized
@@ -59,8 +50,9 @@ class VMActionHandler(TwargaAPIHandler):
     @web.authenticated
     @authorized
     async def post(self, vm_id: str) -> None:
-        body = self.read_json({"action": str}, required=("action",))
-        self.write_json(await self.services.vms.action(self.identity, int(vm_id), body["action"]))
+        request = VMAction.from_body(self.json_body())
+        vms = self.services.vms
+        self.write_json(await vms.action(self.identity, int(vm_id), request.action))
 
 
 class VMCredentialsHandler(TwargaAPIHandler):

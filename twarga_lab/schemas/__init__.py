@@ -7,8 +7,9 @@ bounds or contradict each other are 422 with their ``field``. Checks that need t
 state or settings (an image's existence, VM size bounds, whether a user exists) stay in the
 services. Every schema lists its fields with ``describe()``, for the OpenAPI document.
 
-Modules by resource: ``me`` (SSH key), ``admin`` (credits, quotas), ``soc`` (event
-listings and exports), ``metrics`` (history) and ``base`` (the machinery).
+Modules by resource: ``vms`` (create, change, actions, snapshots), ``me`` (SSH key),
+``admin`` (credits, quotas), ``soc`` (event listings and exports), ``metrics`` (history)
+and ``base`` (the machinery).
 """
 
 from twarga_lab.schemas.admin import GrantCredits, SetQuota
@@ -16,12 +17,18 @@ from twarga_lab.schemas.base import UNSET, FieldDoc, Request, Unset, check_types
 from twarga_lab.schemas.me import SetSSHKey, validate_ssh_key
 from twarga_lab.schemas.metrics import HistoryQuery, parse_time
 from twarga_lab.schemas.soc import EventQuery
+from twarga_lab.schemas.vms import CreateSnapshot, CreateVM, UpdateVM, VMAction, validate_name
 
-SCHEMAS: tuple[type[Request], ...] = (SetSSHKey, GrantCredits, SetQuota, EventQuery, HistoryQuery)
+SCHEMAS: tuple[type[Request], ...] = (
+    CreateVM, UpdateVM, VMAction, CreateSnapshot, SetSSHKey, GrantCredits, SetQuota,
+    EventQuery, HistoryQuery,
+)  # fmt: skip
 
 __all__ = [
     "SCHEMAS",
     "UNSET",
+    "CreateSnapshot",
+    "CreateVM",
     "EventQuery",
     "FieldDoc",
     "GrantCredits",
@@ -30,7 +37,10 @@ __all__ = [
     "SetQuota",
     "SetSSHKey",
     "Unset",
+    "UpdateVM",
+    "VMAction",
     "check_types",
     "parse_time",
+    "validate_name",
     "validate_ssh_key",
 ]

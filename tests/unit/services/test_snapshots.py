@@ -12,6 +12,7 @@ from sqlalchemy import select
 from tests.helpers import wait_for
 from twarga_lab.db.models import Event, VMStatus
 from twarga_lab.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
+from twarga_lab.schemas import CreateVM
 from twarga_lab.services import Identity
 from twarga_lab.services.snapshots import SnapshotService, snapshot_to_json
 
@@ -20,7 +21,7 @@ ALICE, BOB, ADMIN = Identity("alice"), Identity("bob"), Identity("root", admin=T
 
 async def running_vm(twarga: Any, name: str = "snappy") -> dict[str, Any]:
     vms = twarga.services.vms
-    vm = await vms.create(ALICE, {"name": name})
+    vm = await vms.create(ALICE, CreateVM(name))
 
     async def running() -> dict[str, Any] | None:
         now = await vms.get(ALICE, vm["id"])

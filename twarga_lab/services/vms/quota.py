@@ -7,9 +7,7 @@ returns unchanged (``invalid_name``, ``out_of_range``, ``quota_exceeded``, ...).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,12 +15,20 @@ from sqlalchemy.orm import Session
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM
 from twarga_lab.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
+from twarga_lab.schemas.base import Unset
+
+# Re-exported: the name rule and the image alias are the schema's (``schemas.vms``).
+from twarga_lab.schemas.vms import (  # noqa: F401
+    VM_NAME_RE,
+    CreateVM,
+    UpdateVM,
+    requested_image,
+    validate_name,
+)
 from twarga_lab.services import Identity
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.users import LIVE_STATUSES, UserService, balance_milli, usage
 from twarga_lab.virt.images import ImageStore
-
-VM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -46,33 +52,6 @@ class CreateRequest:
     disk: int
 
 
-def validate_name(name: str) -> str:
-    """A VM name as DESIGN.md allows it, or ValidationFailed."""
-    if not VM_NAME_RE.fullmatch(name):
-        raise ValidationFailed(
-            "name must be 1-63 characters: a lowercase letter, then lowercase letters, "
-            "digits or hyphens",
-            field="name",
-            reason="invalid_name",
-        )
-    return name
-
-
-def requested_image(body: dict[str, Any]) -> str | None:
-    """The image a create body names: ``image``, or the seed's ``os_type`` (its alias).
-
-    Both given and different is a contradiction the caller must resolve (422)."""
-    image, os_type = body.get("image"), body.get("os_type")
-    if image and os_type and image != os_type:
-        raise ValidationFailed(
-            f"'image' ({image!r}) and its alias 'os_type' ({os_type!r}) name different images; "
-            "send one of them",
-            field="os_type",
-            reason="conflicting_fields",
-        )
-    return image or os_type
-
-
 def check_range(value: int, low: int, high: int, field_name: str, unit: str) -> int:
     """``value`` if ``low <= value <= high``, else ValidationFailed ``out_of_range``."""
     if not low <= value <= high:
@@ -88,42 +67,42 @@ _check_range = check_range  # the name vms.py had
 
 
 def validate_create(
-    body: dict[str, Any], bounds: VMBounds, images: ImageStore, default_image: str
+    request: CreateVM, bounds: VMBounds, images: ImageStore, default_image: str
 ) -> CreateRequest:
-    """Check a create body's values (types are the handler's job); raises
-    ValidationFailed (422). The disk may not be smaller than the image needs."""
+    """Check a create request's sizes and image (its name and shape are the schema's);
+    raises ValidationFailed (422). The disk may not be smaller than the image needs."""
     b = bounds
-    name = validate_name(body["name"])
-    image_name = requested_image(body) or default_image
+    image_name = request.image_name or default_image
     try:
         image = images.get(image_name)
     except NotFound:
         raise ValidationFailed(
             f"image {image_name!r} does not exist; GET /twarga/api/images lists them",
-            field="image" if body.get("image") else "os_type",
+            field=request.image_field,
             reason="unknown_image",
         ) from None
-    ram = check_range(body.get("ram", b.min_ram_mb), b.min_ram_mb, b.max_ram_mb, "ram", "MB")
-    cpu = check_range(body.get("cpu", b.min_cpu), b.min_cpu, b.max_cpu, "cpu", "vCPUs")
+    min_disk = max(b.min_disk_gb, image.min_disk_gb)
+    ram = b.min_ram_mb if request.ram is None else request.ram
+    cpu = b.min_cpu if request.cpu is None else request.cpu
+    ram = check_range(ram, b.min_ram_mb, b.max_ram_mb, "ram", "MB")
+    cpu = check_range(cpu, b.min_cpu, b.max_cpu, "cpu", "vCPUs")
     disk = check_range(
-        body.get("disk", max(b.min_disk_gb, image.min_disk_gb)),
-        max(b.min_disk_gb, image.min_disk_gb),
+        min_disk if request.disk is None else request.disk,
+        min_disk,
         b.max_disk_gb,
         "disk",
         "GB",
     )
-    return CreateRequest(name=name, image=image.name, ram=ram, cpu=cpu, disk=disk)
+    return CreateRequest(name=request.name, image=image.name, ram=ram, cpu=cpu, disk=disk)
 
 
-def validate_update(changes: dict[str, Any], bounds: VMBounds) -> None:
-    """Check the values of an update body (name, ram, cpu) against the bounds."""
+def validate_update(request: UpdateVM, bounds: VMBounds) -> None:
+    """Check an update's RAM and CPUs against the bounds (its name is the schema's)."""
     b = bounds
-    if "name" in changes:
-        validate_name(changes["name"])
-    if "ram" in changes:
-        check_range(changes["ram"], b.min_ram_mb, b.max_ram_mb, "ram", "MB")
-    if "cpu" in changes:
-        check_range(changes["cpu"], b.min_cpu, b.max_cpu, "cpu", "vCPUs")
+    if not isinstance(request.ram, Unset):
+        check_range(request.ram, b.min_ram_mb, b.max_ram_mb, "ram", "MB")
+    if not isinstance(request.cpu, Unset):
+        check_range(request.cpu, b.min_cpu, b.max_cpu, "cpu", "vCPUs")
 
 
 def check_name_free(session: Session, owner_id: int, name: str) -> None:

@@ -36,6 +36,7 @@ from twarga_lab.virt.domain import DomainSpec
 from twarga_lab.virt.images import FileOwner, Image, ImageStore, qemu_account
 
 if TYPE_CHECKING:
+    from twarga_lab.schemas.vms import CreateVM, UpdateVM
     from twarga_lab.services.credits import CreditService
 
 log = logging.getLogger(__name__)
@@ -218,22 +219,22 @@ class VMService:
 
     # -- create -----------------------------------------------------------------------
 
-    def validate_create(self, body: dict[str, Any]) -> CreateRequest:
-        """Check values (types are the handler's job); raises ValidationFailed (422)."""
+    def validate_create(self, request: CreateVM) -> CreateRequest:
+        """Check sizes and image against the settings; raises ValidationFailed (422)."""
         return quota.validate_create(
-            body, self.config.bounds, self.images, self.config.default_image
+            request, self.config.bounds, self.images, self.config.default_image
         )
 
-    async def create(self, identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, identity: Identity, request: CreateVM) -> dict[str, Any]:
         """Accept a VM (status pending) and provision it in the background."""
         # Validation reads the image's files: off the event loop, like everything on disk.
-        request = await self._run(self.validate_create, body)
+        checked = await self._run(self.validate_create, request)
         user_id = await self._run(self.users.ensure, identity.name)
-        image = await self._run(self.images.get, request.image)
+        image = await self._run(self.images.get, checked.image)
         try:
-            vm_id = await self._run(self._insert_vm, identity, user_id, request, image)
+            vm_id = await self._run(self._insert_vm, identity, user_id, checked, image)
         except QuotaExceeded as refusal:
-            await self._run(self._record_refusal, identity, request, refusal)
+            await self._run(self._record_refusal, identity, checked, refusal)
             raise
         self.tasks.spawn(self.lifecycle.provision(vm_id), f"provision VM {vm_id}")
         return await self._run(views.view, self.db, vm_id)
@@ -300,11 +301,10 @@ class VMService:
             await self.action(system, vm["id"], "stop")
         return len(running)
 
-    async def update(
-        self, identity: Identity, vm_id: int, changes: dict[str, Any]
-    ) -> dict[str, Any]:
+    async def update(self, identity: Identity, vm_id: int, request: UpdateVM) -> dict[str, Any]:
         """Rename a VM, or resize RAM/CPU while it is stopped (applied at next start)."""
-        quota.validate_update(changes, self.config.bounds)
+        quota.validate_update(request, self.config.bounds)
+        changes = request.changes()
 
         def work() -> None:
             with self.db.session() as session:
