@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from twarga_lab.errors import BackendError, InvalidRequest, NotFound
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}(/[a-z0-9][a-z0-9._-]{0,62})?$")
 TINY_IMAGE = "twarga/tiny"
 METADATA_FILE = "image.json"
+#: What twarga/tiny's /init prints on the serial console once dropbear runs (a line).
+TINY_READY_BANNER = r"^Twarga Lab VM \S+ is up$"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Image:
     cmdline: tuple[tuple[str, str], ...] = ()
     # Who the owner logs in as (cloud-init's user, e.g. twarga); None: root.
     default_user: str | None = None
+    # A regular expression a line of the serial console matches once the guest has booted
+    # (services.vms.readiness); None: ready as soon as it runs.
+    ready_banner: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """The public view of the image (no host paths)."""
@@ -365,6 +370,7 @@ class ImageStore:
             min_disk_gb=int(data.get("min_disk_gb", 1)),
             cmdline=parse_cmdline(str(data.get("cmdline") or "")),
             default_user=data.get("default_user") or None,
+            ready_banner=data.get("ready_banner") or None,
         )
         files = [image.base_disk, image.kernel, image.initrd]
         if not all(f.is_file() for f in files if f is not None):
@@ -398,7 +404,12 @@ class ImageStore:
         folder = self._dir(TINY_IMAGE)
         # An image of an older recipe (another /init) is rebuilt, not reused.
         if not force and self.exists(TINY_IMAGE) and load_tiny_image(folder) is not None:
-            return self.get(TINY_IMAGE)
+            image = self.get(TINY_IMAGE)
+            if image.ready_banner is None:
+                # Metadata older than the banner: only image.json is written again.
+                image = replace(image, ready_banner=TINY_READY_BANNER)
+                self._write_metadata(folder, image)
+            return image
         folder.mkdir(parents=True, exist_ok=True)
         (folder / METADATA_FILE).unlink(missing_ok=True)
         files = build_tiny_image(folder)
@@ -414,6 +425,7 @@ class ImageStore:
             kernel=files.kernel,
             initrd=files.initrd,
             kernel_version=files.kernel_version,
+            ready_banner=TINY_READY_BANNER,
         )
         self._write_metadata(folder, image)
         return image
