@@ -8,6 +8,7 @@ Inside a Hub user's server or a personal ``jupyter lab`` it needs no arguments::
     1000.0
     >>> vm = lab.vms.create("web-1", ram=1024, cpu=1, disk=10)
     >>> vm.wait("running", timeout=120)          # a progress bar in a notebook
+    >>> vm.wait("ready")                         # booted: its guest reported in
     >>> print(vm.run("uname -a"))                # one command on the serial console
     Linux web-1 6.1.0-... x86_64 GNU/Linux
     >>> vm.snapshot("s1"); vm.snapshots(); vm.revert("s1"); vm.delete_snapshot("s1")
@@ -311,16 +312,32 @@ class VM:
         self._data = self._lab.request("PATCH", f"vms/{self.id}", changes)
         return self
 
+    @property
+    def ready(self) -> bool:
+        """Whether the guest has booted (its image's console banner came, e.g. cloud-init
+        finished); as last read, see :meth:`refresh`. Always False unless running."""
+        return bool(self._data.get("ready", False)) and self._data.get("status") == "running"
+
+    def _no_ready_field(self) -> bool:
+        # A service older than "ready": running is all it can tell.
+        return "ready" not in self._data and self._data.get("status") == "running"
+
     def wait(self, status: str = "running", timeout: float = 120, progress: bool = True) -> VM:
-        """Wait until the VM has ``status``; raises TimeoutError, or TwargaAPIError if it
-        goes to ``error``. Shows a progress bar in a notebook."""
+        """Wait until the VM has ``status``, or for ``"ready"`` until it runs and its guest
+        has booted (:attr:`ready`); raises TimeoutError, or TwargaAPIError if it goes to
+        ``error``. Shows a progress bar in a notebook."""
         bar = _Progress(f"{self.name}: waiting for {status}", timeout) if progress else None
         deadline = time.monotonic() + timeout
         try:
             while True:
                 self.refresh()
                 if bar:
-                    bar.update(self.status, time.monotonic() - (deadline - timeout))
+                    shown = self.status
+                    if status == "ready" and self.status == "running":
+                        shown = "ready" if self.ready else "booting"
+                    bar.update(shown, time.monotonic() - (deadline - timeout))
+                if status == "ready" and (self.ready or self._no_ready_field()):
+                    return self
                 if self.status == status:
                     return self
                 if self.status == "error" and status != "error":
@@ -328,11 +345,14 @@ class VM:
                         500, f"VM {self.name} failed: {self.status_message}", "vm_error"
                     )
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"VM {self.name} is {self.status}, not {status}")
+                    now = self.status
+                    if status == "ready" and now == "running":
+                        now = "running but not ready (its guest is still booting)"
+                    raise TimeoutError(f"VM {self.name} is {now}, not {status}")
                 time.sleep(0.5)
         finally:
             if bar:
-                bar.close(self.status)
+                bar.close("ready" if status == "ready" and self.ready else self.status)
 
     async def wait_async(self, status: str = "running", timeout: float = 120) -> VM:
         """:meth:`wait` without blocking the kernel's event loop."""
@@ -477,7 +497,7 @@ class _Progress:
     def close(self, status: str) -> None:
         if self.widget is not None:
             self.widget.value = self.widget.max
-            self.widget.bar_style = "success" if status == "running" else "info"
+            self.widget.bar_style = "success" if status in ("running", "ready") else "info"
             self.widget.description = status
 
 

@@ -98,7 +98,9 @@ class Setup:
             poll=0.02, check_every=0.1, probe_every=0.05,
         )  # fmt: skip
 
-    def add_vm(self, name: str = "web", image: str = "test/banner", ssh_port: int = 1) -> int:
+    def add_vm(
+        self, name: str = "web", image: str = "test/banner", ssh_port: int | None = None
+    ) -> int:
         owner = self.users.ensure("alice")
         with self.db.session() as session:
             vm = VM(owner_id=owner, name=name, image=image, os_type="linux", ram_mb=512, cpu=1,
@@ -281,13 +283,28 @@ async def test_a_resumed_guest_is_ready_when_its_ssh_server_greets(s: Setup) -> 
         await s.to(vm_id, VMStatus.running, "reconcile")
         await asyncio.sleep(0.3)  # accepting without a greeting is QEMU's forward, not sshd
         assert not s.ready(vm_id)
-    with _tcp_server(b"SSH-2.0-dropbear\r\n") as greeting:
-        other = s.add_vm("db", ssh_port=greeting)
+    greet = b"SSH-2.0-dropbear\r\n"
+    with _tcp_server(greet) as one, _tcp_server(greet) as two, _tcp_server(greet) as three:
+        other = s.add_vm("db", ssh_port=one)
         await s.to(other, VMStatus.starting, "snapshot_revert")
-        await s.to(other, VMStatus.running, "snapshot_revert")
+        await s.to(other, VMStatus.running, "reconcile")  # libvirt's event came first
         await until(lambda: s.ready(other))
-    (event,) = s.ready_events(other)
-    assert event.details["detail"] == "SSH server answering (resumed)"
+        (event,) = s.ready_events(other)
+        assert event.details["detail"] == "SSH server answering (resumed)"
+
+        outside = s.add_vm("ext", ssh_port=two)
+        await s.to(outside, VMStatus.running, "reconcile")  # `virsh start` behind our back
+        await until(lambda: s.ready(outside))
+        (event,) = s.ready_events(outside)
+        assert event.details["detail"] == "SSH server answering (outside Twarga)"
+
+        booting = s.add_vm("boot", ssh_port=three)
+        await s.to(booting, VMStatus.starting, "start")
+        await s.to(booting, VMStatus.running, "reconcile")  # Twarga's own start
+        await asyncio.sleep(0.3)
+        assert not s.ready(booting)  # a boot waits for its banner, sshd or not
+        s.append(booting, "Twarga Lab VM boot is up\n")
+        await until(lambda: s.ready(booting))
     await s.readiness.close()
 
 

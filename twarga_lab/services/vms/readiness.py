@@ -11,9 +11,10 @@ until the banner appears; the VM is then ready, and a ``vm`` event with action `
 records the seconds from running to ready.
 
 Where the console cannot tell (a guest resumed from a paused state or a memory snapshot
-does not boot again, and a service that restarts while VMs run may not know where their
-boot began), an SSH server answering ``SSH-2.0-...`` on the VM's forwarded port counts
-too: only the banner, since QEMU's user-mode forward accepts TCP before the guest listens.
+does not boot again; a VM found running outside Twarga's calls, or by a service that
+restarts while VMs run, may have booted long ago), an SSH server answering ``SSH-2.0-...``
+on the VM's forwarded port counts too: only the greeting, since QEMU's user-mode forward
+accepts TCP before the guest listens.
 Each boot's start offset is kept beside the log (``console.boot``), so a restarted service
 looks for the banner from there on.
 
@@ -44,6 +45,7 @@ from twarga_lab.db import Database
 from twarga_lab.db.models import VM, Event, VMStatus
 from twarga_lab.errors import NotFound
 from twarga_lab.services.events import EventType, Severity, record_event
+from twarga_lab.services.vms.lifecycle import TRANSITIONAL
 from twarga_lab.virt.images import ImageStore
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,7 @@ class Readiness:
         self._boots: dict[int, Boot] = {}
         self._lock = threading.Lock()
         self._banners: dict[str, tuple[float, re.Pattern[str] | None]] = {}
+        self._actions: dict[int, str] = {}  # the action of each VM's last status change
 
     # -- what the views ask ----------------------------------------------------------
 
@@ -200,6 +203,9 @@ class Readiness:
 
     def _status_changed(self, vm: VM, previous: VMStatus, action: str) -> None:
         self.forget(vm.id)
+        # What moved the VM into a transitional status: libvirt's event may then be the
+        # change that reaches running (action "reconcile").
+        earlier, self._actions[vm.id] = self._actions.get(vm.id), action
         if vm.status is not VMStatus.running or vm.domain_name is None:
             return
         banner = self.banner_of(vm.image)
@@ -209,10 +215,14 @@ class Readiness:
         console = folder / CONSOLE_LOG
         offset = _size(console)
         # A guest that was paused, or reverted to a memory snapshot, does not boot again.
-        resumed = previous is VMStatus.paused or action == "snapshot_revert"
+        reverted = "snapshot_revert" in (action, earlier if previous in TRANSITIONAL else None)
+        resumed = previous is VMStatus.paused or reverted
+        # Found running outside Twarga's own calls: since when is not known.
+        outside = action == "reconcile" and previous not in TRANSITIONAL and not resumed
+        how = "resumed" if resumed else "outside Twarga" if outside else "boot"
         boot = Boot(
             vm.id, vm.domain_name, _key(vm.started_at), console, offset, banner, vm.ssh_port,
-            probe_ssh=resumed, how="resumed" if resumed else "boot",
+            probe_ssh=resumed or outside, how=how,
         )  # fmt: skip
         _write_boot_file(folder / BOOT_FILE, offset, boot.started_at)
         self._watch(boot)
