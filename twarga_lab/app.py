@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from jupyter_server.extension.application import ExtensionApp
 from sqlalchemy.engine import make_url
-from traitlets import Enum, Float, Int, TraitType, Type, Unicode, default, observe, validate
+from traitlets import Enum, Int, TraitType, Type, Unicode, default, observe, validate
 from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
@@ -31,7 +31,7 @@ from twarga_lab.services.snapshots import SnapshotService
 from twarga_lab.services.soc import SocService
 from twarga_lab.services.syslog import SyslogCollector, SyslogService
 from twarga_lab.services.users import UserService
-from twarga_lab.services.vms import VMBounds, VMService, VMServiceConfig
+from twarga_lab.services.vms import VMService
 from twarga_lab.virt.backend import HypervisorBackend
 from twarga_lab.virt.images import TINY_IMAGE, ImageStore
 from twarga_lab.virt.libvirt_backend import LibvirtBackend
@@ -60,6 +60,16 @@ def absolute_sqlite_url(url: str) -> str:
 # Settings that moved from TwargaLabApp to the service that uses them: the old name is a
 # deprecated alias of ``c.<Service>.<trait>``, with the same default, type and checks.
 ALIASES: dict[str, tuple[type[LoggingConfigurable], str]] = {
+    "default_image": (VMService, "default_image"),
+    "stop_timeout": (VMService, "stop_timeout"),
+    "min_ram_mb": (VMService, "min_ram_mb"),
+    "max_ram_mb": (VMService, "max_ram_mb"),
+    "min_cpu": (VMService, "min_cpu"),
+    "max_cpu": (VMService, "max_cpu"),
+    "min_disk_gb": (VMService, "min_disk_gb"),
+    "max_disk_gb": (VMService, "max_disk_gb"),
+    "ssh_port_min": (VMService, "ssh_port_min"),
+    "ssh_port_max": (VMService, "ssh_port_max"),
     "starting_credits": (UserService, "starting_credits"),
     "max_vms_per_user": (UserService, "max_vms"),
     "max_ram_per_user_mb": (UserService, "max_ram_mb"),
@@ -225,25 +235,17 @@ class TwargaLabApp(ExtensionApp):
         help="Prefix of the libvirt domain names Twarga owns; other domains are left alone.",
     ).tag(config=True)
 
-    default_image = Unicode(TINY_IMAGE, help="The image a VM gets when none is named.").tag(
-        config=True
-    )
-
-    stop_timeout = Float(
-        30.0, help="Seconds a guest gets to power off after the ACPI button before it is forced."
-    ).tag(config=True)
-
-    min_ram_mb = Int(512, help="Smallest RAM a VM may have, in MB.").tag(config=True)
-    max_ram_mb = Int(4096, help="Largest RAM a VM may have, in MB.").tag(config=True)
-    min_cpu = Int(1, help="Fewest vCPUs a VM may have.").tag(config=True)
-    max_cpu = Int(4, help="Most vCPUs a VM may have.").tag(config=True)
-    min_disk_gb = Int(10, help="Smallest disk a VM may have, in GB.").tag(config=True)
-    max_disk_gb = Int(100, help="Largest disk a VM may have, in GB.").tag(config=True)
-
-    ssh_port_min = Int(22000, help="First 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
-    ssh_port_max = Int(22999, help="Last 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
-
     # Deprecated aliases (see ALIASES): each setting's home is now its service's class.
+    default_image = alias("default_image")
+    stop_timeout = alias("stop_timeout")
+    min_ram_mb = alias("min_ram_mb")
+    max_ram_mb = alias("max_ram_mb")
+    min_cpu = alias("min_cpu")
+    max_cpu = alias("max_cpu")
+    min_disk_gb = alias("min_disk_gb")
+    max_disk_gb = alias("max_disk_gb")
+    ssh_port_min = alias("ssh_port_min")
+    ssh_port_max = alias("ssh_port_max")
     starting_credits = alias("starting_credits")
     max_vms_per_user = alias("max_vms_per_user")
     max_ram_per_user_mb = alias("max_ram_per_user_mb")
@@ -329,6 +331,7 @@ class TwargaLabApp(ExtensionApp):
     classes = [
         *ExtensionApp.classes,
         UserService,
+        VMService,
         CreditService,
         MetricsService,
         SocService,
@@ -433,24 +436,16 @@ class TwargaLabApp(ExtensionApp):
         backend = self.backend_class(self.libvirt_uri)
         images = ImageStore(Path(self.images_dir))
         users = UserService(db, parent=self)
-        config = VMServiceConfig(
+        vms = VMService(
+            db,
+            backend,
+            images,
+            users,
             vms_dir=vms_dir,
             domain_type=self.resolved_domain_type(),
             domain_prefix=self.domain_prefix,
-            default_image=self.default_image,
-            stop_timeout=self.stop_timeout,
-            ssh_port_min=self.ssh_port_min,
-            ssh_port_max=self.ssh_port_max,
-            bounds=VMBounds(
-                min_ram_mb=self.min_ram_mb,
-                max_ram_mb=self.max_ram_mb,
-                min_cpu=self.min_cpu,
-                max_cpu=self.max_cpu,
-                min_disk_gb=self.min_disk_gb,
-                max_disk_gb=self.max_disk_gb,
-            ),
+            parent=self,
         )
-        vms = VMService(db, backend, images, users, config)
         credits = CreditService(db, users, parent=self)
         vms.billing = credits  # a VM that stops pays for its seconds since the last tick
         metrics = MetricsService(
@@ -501,7 +496,7 @@ class TwargaLabApp(ExtensionApp):
         self.log.info(
             "Twarga Lab: libvirt %s, domain type %s, database %s",
             self.libvirt_uri,
-            self.services.vms.config.domain_type,
+            self.services.vms.settings.domain_type,
             # The URL may hold a PostgreSQL password: the log shows "***" instead.
             make_url(self.db_url).render_as_string(hide_password=True),
         )

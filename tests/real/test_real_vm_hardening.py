@@ -221,7 +221,7 @@ async def test_a_restart_finishes_interrupted_work_and_removes_orphans(
     ghost_dir.mkdir()
     (ghost_dir / "disk.qcow2").write_bytes(b"left behind")
 
-    restarted = twarga.build_services()  # the service starting again on the same database
+    restarted = twarga.make_services()  # the service starting again on the same database
     try:
         await restarted.vms.start_up()
         # The interrupted destroy is finished: no domain, no disk, no VM.

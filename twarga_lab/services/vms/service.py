@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session
+from traitlets import Float, Int, Unicode
+from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, VMStatus
@@ -33,7 +35,7 @@ from twarga_lab.services.vms.quota import CreateRequest, VMBounds
 from twarga_lab.services.vms.reconciliation import Reconciler
 from twarga_lab.virt.backend import HypervisorBackend
 from twarga_lab.virt.domain import DomainSpec
-from twarga_lab.virt.images import FileOwner, Image, ImageStore, qemu_account
+from twarga_lab.virt.images import TINY_IMAGE, FileOwner, Image, ImageStore, qemu_account
 
 if TYPE_CHECKING:
     from twarga_lab.schemas.vms import CreateVM, UpdateVM
@@ -45,24 +47,46 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class VMServiceConfig:
-    """What the VM service needs from the application's settings."""
+    """The settings the VM service's collaborators read: its traits and the app-wide
+    values it was made with (an internal value object; the defaults are the traits')."""
 
     vms_dir: Path
-    domain_type: str = "qemu"
-    domain_prefix: str = "twarga-"
-    default_image: str = "twarga/tiny"
-    stop_timeout: float = 30.0
-    ssh_port_min: int = 22000
-    ssh_port_max: int = 22999
-    bounds: VMBounds = field(default_factory=VMBounds)
+    domain_type: str
+    domain_prefix: str
+    default_image: str
+    stop_timeout: float
+    ssh_port_min: int
+    ssh_port_max: int
+    bounds: VMBounds
 
     @property
     def instances_dir(self) -> Path:
         return self.vms_dir / "instances"
 
 
-class VMService:
+class VMService(LoggingConfigurable):
     """Everything users do to VMs."""
+
+    default_image = Unicode(TINY_IMAGE, help="The image a VM gets when none is named.").tag(
+        config=True
+    )
+    stop_timeout = Float(
+        30.0, help="Seconds a guest gets to power off after the ACPI button before it is forced."
+    ).tag(config=True)
+    min_ram_mb = Int(VMBounds.min_ram_mb, help="Smallest RAM a VM may have, in MB.").tag(
+        config=True
+    )
+    max_ram_mb = Int(VMBounds.max_ram_mb, help="Largest RAM a VM may have, in MB.").tag(config=True)
+    min_cpu = Int(VMBounds.min_cpu, help="Fewest vCPUs a VM may have.").tag(config=True)
+    max_cpu = Int(VMBounds.max_cpu, help="Most vCPUs a VM may have.").tag(config=True)
+    min_disk_gb = Int(VMBounds.min_disk_gb, help="Smallest disk a VM may have, in GB.").tag(
+        config=True
+    )
+    max_disk_gb = Int(VMBounds.max_disk_gb, help="Largest disk a VM may have, in GB.").tag(
+        config=True
+    )
+    ssh_port_min = Int(22000, help="First 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
+    ssh_port_max = Int(22999, help="Last 127.0.0.1 port for VMs' SSH forwards.").tag(config=True)
 
     def __init__(
         self,
@@ -70,13 +94,36 @@ class VMService:
         backend: HypervisorBackend,
         images: ImageStore,
         users: UserService,
-        config: VMServiceConfig,
+        *,
+        vms_dir: Path,
+        domain_type: str,
+        domain_prefix: str,
+        **kwargs: Any,
     ) -> None:
+        """``vms_dir`` (instance folders below it), ``domain_type`` (``qemu`` or ``kvm``,
+        resolved) and ``domain_prefix`` are the app's; the rest is configuration."""
+        super().__init__(**kwargs)
         self.db = db
         self.backend = backend
         self.images = images
         self.users = users
-        self.config = config
+        self.settings = config = VMServiceConfig(
+            vms_dir=Path(vms_dir),
+            domain_type=domain_type,
+            domain_prefix=domain_prefix,
+            default_image=self.default_image,
+            stop_timeout=self.stop_timeout,
+            ssh_port_min=self.ssh_port_min,
+            ssh_port_max=self.ssh_port_max,
+            bounds=VMBounds(
+                min_ram_mb=self.min_ram_mb,
+                max_ram_mb=self.max_ram_mb,
+                min_cpu=self.min_cpu,
+                max_cpu=self.max_cpu,
+                min_disk_gb=self.min_disk_gb,
+                max_disk_gb=self.max_disk_gb,
+            ),
+        )
         # Bills the last seconds of a VM that stops (the app sets it; tests may leave it).
         self.billing: CreditService | None = None
         self.tasks = BackgroundTasks()
@@ -140,10 +187,6 @@ class VMService:
     ) -> None:
         """Move a VM to ``status`` as ``actor`` did ``action`` (an event when it changes)."""
         self.book.set_status(vm_id, status, message, action, actor)
-
-    _lock = lock
-    _require_credits = require_credits
-    _set_status = set_status
 
     def instance_dir(self, domain_name: str) -> Path:
         """Where a VM's disk, seed and console log live."""
@@ -213,7 +256,7 @@ class VMService:
     def list_images(self) -> list[dict[str, object]]:
         """Bootable images; ``default`` marks the one a VM gets when none is named."""
         return [
-            {**image.to_json(), "default": image.name == self.config.default_image}
+            {**image.to_json(), "default": image.name == self.settings.default_image}
             for image in self.images.list()
         ]
 
@@ -222,7 +265,7 @@ class VMService:
     def validate_create(self, request: CreateVM) -> CreateRequest:
         """Check sizes and image against the settings; raises ValidationFailed (422)."""
         return quota.validate_create(
-            request, self.config.bounds, self.images, self.config.default_image
+            request, self.settings.bounds, self.images, self.settings.default_image
         )
 
     async def create(self, identity: Identity, request: CreateVM) -> dict[str, Any]:
@@ -303,7 +346,7 @@ class VMService:
 
     async def update(self, identity: Identity, vm_id: int, request: UpdateVM) -> dict[str, Any]:
         """Rename a VM, or resize RAM/CPU while it is stopped (applied at next start)."""
-        quota.validate_update(request, self.config.bounds)
+        quota.validate_update(request, self.settings.bounds)
         changes = request.changes()
 
         def work() -> None:
