@@ -1,6 +1,12 @@
-"""The Twarga Lab server extension: every setting is a documented trait; services are
-built in ``initialize_settings``, routes registered in ``initialize_handlers`` and
-everything is torn down in ``stop_extension``."""
+"""The Twarga Lab server extension: app-wide settings are its traits, each service is a
+``LoggingConfigurable`` with its own (``c.MetricsService.interval``), built with
+``parent=self`` in :meth:`TwargaLabApp.make_services`; the old ``c.TwargaLabApp.*`` names
+of the services' settings are deprecated aliases (``ALIASES``). Routes are registered in
+``initialize_handlers`` and everything is torn down in ``stop_extension``.
+
+Why it is long: every app-wide setting is a trait with its help text (the reference
+``--help-all`` prints), and ``Services``, the object every handler reaches, lives here.
+"""
 
 from __future__ import annotations
 
