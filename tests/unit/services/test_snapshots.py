@@ -1,6 +1,6 @@
 """SnapshotService on libvirt's test driver, called directly: take, list, revert and
 delete, the per-VM quota, ownership, busy VMs and the SOC events of each change. The VM
-service is the application's own (``build_services`` on test:///default)."""
+service is the application's own (``make_services`` on test:///default)."""
 
 from __future__ import annotations
 
