@@ -367,3 +367,22 @@ class _tcp_server:
         self.stop.set()
         self.thread.join(5)
         self.sock.close()
+
+
+async def test_a_started_at_committed_by_a_racing_event_is_taken(s: Setup) -> None:
+    """Twarga's change to running and libvirt's event for it can both set ``started_at``;
+    the row keeps one of them, and the current watch takes it."""
+    s.readiness.attach(asyncio.get_running_loop())
+    vm_id = s.add_vm()
+    await s.to(vm_id, VMStatus.running)
+    with s.db.session() as session:
+        row = session.get(VM, vm_id)
+        assert row is not None and row.started_at is not None
+        row.started_at = row.started_at.replace(
+            microsecond=(row.started_at.microsecond + 1) % 10**6
+        )
+    assert not s.ready(vm_id)
+    s.append(vm_id, "Twarga Lab VM web is up\n")
+    await until(lambda: s.ready(vm_id))
+    recorded = json.loads((s.log(vm_id).parent / BOOT_FILE).read_text())["started_at"]
+    assert recorded == s.vm(vm_id).started_at.replace(tzinfo=None).isoformat()  # type: ignore[union-attr]

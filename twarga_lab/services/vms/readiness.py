@@ -205,7 +205,9 @@ class Readiness:
         self.forget(vm.id)
         # What moved the VM into a transitional status: libvirt's event may then be the
         # change that reaches running (action "reconcile").
-        earlier, self._actions[vm.id] = self._actions.get(vm.id), action
+        earlier = self._actions.get(vm.id)
+        if vm.status in TRANSITIONAL:
+            self._actions[vm.id] = action
         if vm.status is not VMStatus.running or vm.domain_name is None:
             return
         banner = self.banner_of(vm.image)
@@ -338,11 +340,20 @@ class Readiness:
     def _still_running(self, boot: Boot) -> bool:
         with self.db.session() as session:
             vm = session.get(VM, boot.vm_id)
-            return (
-                vm is not None
-                and vm.status is VMStatus.running
-                and _key(vm.started_at) == boot.started_at
-            )
+            return vm is not None and vm.status is VMStatus.running and self._adopt(boot, vm)
+
+    def _adopt(self, boot: Boot, vm: VM) -> bool:
+        """Whether running ``vm`` is in ``boot``'s running period. Every change of status
+        replaces the boot, so a current one is; but a libvirt event applied at the same
+        time as Twarga's own change can commit another ``started_at`` than the one the
+        boot was told: the row's is taken."""
+        if self._boots.get(vm.id) is not boot:
+            return False
+        started = _key(vm.started_at)
+        if started != boot.started_at:
+            boot.started_at = started
+            _write_boot_file(boot.log.parent / BOOT_FILE, boot.offset, started)
+        return True
 
     def _mark_ready(self, boot: Boot, how: str) -> bool:
         """Mark ``boot`` ready (with its event); False if its row does not show this
@@ -352,9 +363,7 @@ class Readiness:
             vm = session.get(VM, boot.vm_id)
             if self._boots.get(boot.vm_id) is not boot:
                 return True  # a newer running period, or none: nothing to mark
-            if vm is None or vm.status is not VMStatus.running:
-                return False
-            if _key(vm.started_at) != boot.started_at:
+            if vm is None or vm.status is not VMStatus.running or not self._adopt(boot, vm):
                 return False
             boot.ready = True
             details: dict[str, object] = {"detail": f"{how} ({boot.how})"}
