@@ -26,8 +26,9 @@ from twarga_lab.schemas.vms import (  # noqa: F401
     validate_name,
 )
 from twarga_lab.services import Identity
+from twarga_lab.services.credits import has_credits
 from twarga_lab.services.events import EventType, Severity, record_event
-from twarga_lab.services.users import LIVE_STATUSES, UserService, balance_milli, usage
+from twarga_lab.services.users import LIVE_STATUSES, UserService, usage
 from twarga_lab.virt.images import ImageStore
 
 
@@ -124,7 +125,7 @@ def check_create_quota(
     """Whether ``user_id`` may have one more VM of this size (call under the user's lock,
     so concurrent creates of one user are checked one at a time)."""
     check_name_free(session, user_id, request.name)
-    if balance_milli(session, user_id) <= 0:
+    if not has_credits(session, user_id):
         raise QuotaExceeded("you have no credits left; ask an admin for more", "no_credits")
     quota = users.effective_quota(session, user_id)
     used = usage(session, user_id)
@@ -168,7 +169,7 @@ def require_credits(db: Database, identity: Identity, vm_id: int, action: str) -
     with db.session() as session:
         vm = session.get(VM, vm_id)
         assert vm is not None
-        if balance_milli(session, vm.owner_id) > 0:
+        if has_credits(session, vm.owner_id):
             return
         name, owner = vm.name, vm.owner.name
     with db.session() as session:
