@@ -374,3 +374,8 @@ def timeline(per_hour: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[lis
     labels = [str(bucket.get("start", ""))[11:16] or "?" for bucket in per_hour]
     stacks = [[int(bucket.get(severity, 0)) for bucket in per_hour] for severity in SEVERITIES]
     return labels, stacks
+
+
+def note(text: str, color: str = "#333") -> str:
+    """``text`` (HTML) as a coloured status line; nothing for no text."""
+    return f"<span style='color:{color}'>{text}</span>" if text else ""
