@@ -9,6 +9,10 @@ against one VM (scope ``vm:<id>``) within ``findtime`` seconds raise one critica
 a ban of ``bantime`` seconds that doubles for repeat offenders. Under QEMU user networking
 every SSH client reaches the guest from the same address (10.0.2.2, the host's end of the
 forward), so the ban is recorded but not enforced; events say so (``"enforced": false``).
+
+Why it is long: one service whose reads (listings, exports, statistics, bans) and writes
+(SSH observations, flood notices, pruning) share the visibility rule and the ban policy;
+the event query itself lives in schemas.soc and the parsers in sshlog and syslog.
 """
 
 from __future__ import annotations
