@@ -1,8 +1,8 @@
 """Twarga's VMs, one module a job: ``quota`` (bounds, names, per-user quotas and the
 credit check), ``provisioning`` (instance folders, disks, seeds, host keys, SSH ports,
 domain definitions), ``lifecycle`` (locks, statuses, actions), ``reconciliation``
-(agreeing with libvirt, orphans, libvirt's events), ``views`` (the JSON) and ``service``
-(:class:`VMService`, composing them).
+(agreeing with libvirt, orphans, libvirt's events), ``views`` (the JSON), ``settings``
+(the value the collaborators read) and ``service`` (:class:`VMService`, composing them).
 
 Every name importers used from the old ``twarga_lab.services.vms`` module is here.
 """
@@ -34,7 +34,8 @@ from twarga_lab.services.vms.quota import (
     validate_name,
 )
 from twarga_lab.services.vms.reconciliation import Reconciler
-from twarga_lab.services.vms.service import VMService, VMServiceConfig
+from twarga_lab.services.vms.service import VMService
+from twarga_lab.services.vms.settings import VMServiceConfig
 from twarga_lab.services.vms.views import uptime_seconds, vm_owner_name, vm_to_json
 
 __all__ = [

@@ -25,7 +25,7 @@ from twarga_lab.services.vms.provisioning import Provisioner
 from twarga_lab.virt.backend import DomainState, HypervisorBackend
 
 if TYPE_CHECKING:
-    from twarga_lab.services.vms.service import VMServiceConfig
+    from twarga_lab.services.vms.settings import VMServiceConfig
 
 log = logging.getLogger(__name__)
 run = asyncio.to_thread

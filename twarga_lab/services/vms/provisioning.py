@@ -36,7 +36,7 @@ from twarga_lab.virt.images import (
 from twarga_lab.virt.seed import build_tiny_seed, generate_host_key, generate_password, sha512_crypt
 
 if TYPE_CHECKING:
-    from twarga_lab.services.vms.service import VMServiceConfig
+    from twarga_lab.services.vms.settings import VMServiceConfig
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEve
 from twarga_lab.virt.domain import read_twarga_metadata
 
 if TYPE_CHECKING:
-    from twarga_lab.services.vms.service import VMServiceConfig
+    from twarga_lab.services.vms.settings import VMServiceConfig
 
 log = logging.getLogger(__name__)
 run = asyncio.to_thread

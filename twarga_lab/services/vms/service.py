@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,6 +32,7 @@ from twarga_lab.services.vms.lifecycle import ACTIONS, BackgroundTasks, Lifecycl
 from twarga_lab.services.vms.provisioning import Provisioner
 from twarga_lab.services.vms.quota import CreateRequest, VMBounds
 from twarga_lab.services.vms.reconciliation import Reconciler
+from twarga_lab.services.vms.settings import VMServiceConfig
 from twarga_lab.virt.backend import HypervisorBackend
 from twarga_lab.virt.domain import DomainSpec
 from twarga_lab.virt.images import TINY_IMAGE, FileOwner, Image, ImageStore, qemu_account
@@ -43,25 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class VMServiceConfig:
-    """The settings the VM service's collaborators read: its traits and the app-wide
-    values it was made with (an internal value object; the defaults are the traits')."""
-
-    vms_dir: Path
-    domain_type: str
-    domain_prefix: str
-    default_image: str
-    stop_timeout: float
-    ssh_port_min: int
-    ssh_port_max: int
-    bounds: VMBounds
-
-    @property
-    def instances_dir(self) -> Path:
-        return self.vms_dir / "instances"
 
 
 class VMService(LoggingConfigurable):
@@ -208,15 +189,6 @@ class VMService(LoggingConfigurable):
         """Remove domains and instance folders with our prefix that no live VM owns."""
         return await self.reconciler.remove_orphans()
 
-    def _get_owned(self, session: Session, identity: Identity, vm_id: int) -> VM:
-        vm = session.get(VM, vm_id)
-        if vm is None or vm.status is VMStatus.destroyed:
-            raise NotFound(f"VM {vm_id} does not exist", "no_vm")
-        if not identity.admin and vm.owner.name != identity.name:
-            # Someone else's VM is indistinguishable from no VM at all.
-            raise NotFound(f"VM {vm_id} does not exist", "no_vm")
-        return vm
-
     # -- queries ------------------------------------------------------------------
 
     async def list(self, identity: Identity, all_users: bool = False) -> list[dict[str, Any]]:
@@ -229,7 +201,7 @@ class VMService(LoggingConfigurable):
 
         def query() -> dict[str, Any]:
             with self.db.session() as session:
-                vm = self._get_owned(session, identity, vm_id)
+                vm = views.owned_vm(session, identity, vm_id)
                 return views.vm_to_json(vm, vm.owner.name)
 
         return await self._run(query)
@@ -351,7 +323,7 @@ class VMService(LoggingConfigurable):
 
         def work() -> None:
             with self.db.session() as session:
-                vm = self._get_owned(session, identity, vm_id)
+                vm = views.owned_vm(session, identity, vm_id)
                 lock_user(session, vm.owner_id)
                 if ("ram" in changes or "cpu" in changes) and vm.status is not VMStatus.stopped:
                     raise Conflict("stop the VM before changing its RAM or CPUs", "vm_not_stopped")
@@ -377,5 +349,5 @@ class VMService(LoggingConfigurable):
         """Remove the domain, its disks and its seed; the row stays as history."""
         await self.get(identity, vm_id)  # ownership, before waiting on anything
         await self.lifecycle.destroy(
-            vm_id, identity.name, lambda session: self._get_owned(session, identity, vm_id)
+            vm_id, identity.name, lambda session: views.owned_vm(session, identity, vm_id)
         )

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, Event, User, VMStatus, utcnow
 from twarga_lab.errors import NotFound
+from twarga_lab.services import Identity
 from twarga_lab.virt.seed import key_fingerprint
 
 
@@ -56,6 +57,17 @@ def vm_owner_name(session: Session, vm: VM) -> str:
     owner = session.get(User, vm.owner_id)
     assert owner is not None
     return owner.name
+
+
+def owned_vm(session: Session, identity: Identity, vm_id: int) -> VM:
+    """VM ``vm_id`` if the caller owns it (or is an admin); someone else's VM, like a
+    destroyed one, is indistinguishable from no VM at all (404 ``no_vm``)."""
+    vm = session.get(VM, vm_id)
+    if vm is None or vm.status is VMStatus.destroyed:
+        raise NotFound(f"VM {vm_id} does not exist", "no_vm")
+    if not identity.admin and vm.owner.name != identity.name:
+        raise NotFound(f"VM {vm_id} does not exist", "no_vm")
+    return vm
 
 
 def view(db: Database, vm_id: int) -> dict[str, Any]:
