@@ -6,6 +6,10 @@ again: ``--vms-dir``, ``--images-dir``, ``--db-url`` and ``--libvirt-uri`` are a
 settings are resolved like the server resolves them: the trait defaults (``$TWARGA_*``),
 then the Jupyter config files on the Jupyter config path (``jupyter_config``,
 ``jupyter_server_config``, ``jupyter_twarga_lab_config``), then the command line.
+
+Why it is long: the command line users already type must keep working exactly (positionals
+among options, unique prefixes, run's pass-through to jupyter lab), which traitlets'
+loader alone does not do, so a small argument scanner sits next to the commands it serves.
 """
 
 from __future__ import annotations
