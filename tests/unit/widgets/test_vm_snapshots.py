@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from tests.helpers import wait_for, wait_status
-from twarga_lab.client import Lab
 from twarga_lab.widgets import VMDashboard
 from twarga_lab.widgets.data import snapshot_rows
 
@@ -24,21 +23,6 @@ from twarga_lab.widgets.data import snapshot_rows
 @pytest.fixture
 def twarga_config() -> dict[str, Any]:
     return {"max_snapshots_per_vm": 2}
-
-
-@pytest.fixture
-def lab_as(twarga: Any, jp_fetch: Any, jp_http_port: int, jp_base_url: str) -> Any:
-    """``lab_as("alice")``: the notebook client against the in-process server."""
-    labs: list[Lab] = []
-
-    def make(user: str) -> Lab:
-        lab = Lab(f"http://127.0.0.1:{jp_http_port}{jp_base_url}", f"{user}-token", timeout=20)
-        labs.append(lab)
-        return lab
-
-    yield make
-    for lab in labs:
-        lab._http.close()
 
 
 def state(widget: Any, key: str = "value") -> Any:

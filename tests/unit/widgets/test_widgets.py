@@ -57,22 +57,6 @@ def twarga_config() -> dict[str, Any]:
     return {"metrics_interval": 0.2, "metrics_slow_interval": 0.2}
 
 
-@pytest.fixture
-def lab_as(twarga: Any, jp_fetch: Any, jp_http_port: int, jp_base_url: str) -> Any:
-    """``lab_as("alice")``: the notebook client against the in-process server (``jp_fetch``
-    makes pytest-jupyter listen on its port)."""
-    labs: list[Lab] = []
-
-    def make(user: str) -> Lab:
-        lab = Lab(f"http://127.0.0.1:{jp_http_port}{jp_base_url}", f"{user}-token", timeout=20)
-        labs.append(lab)
-        return lab
-
-    yield make
-    for lab in labs:
-        lab._http.close()
-
-
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
