@@ -83,7 +83,7 @@ def test_debian_and_tiny_vms_are_ready_when_their_guests_report_in(tmp_path):
         assert 0 < event["details"]["ready_seconds"] < SSH_DEADLINE
 
         lab = Lab(server.url, "alice-token")
-        tiny = lab.vms.create("tiny-ready", ram=512, cpu=1, disk=1)
+        tiny = lab.vms.create("tiny-ready", ram=512, cpu=1, disk=10)
         tiny.wait("ready", timeout=180, progress=False)
         assert tiny.ready and tiny.status == "running"
         out = ssh_soon(lambda: root_ssh(key, tiny.ssh_port, "hostname"), "tiny")

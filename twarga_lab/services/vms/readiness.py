@@ -152,7 +152,7 @@ class Readiness:
         self._boots: dict[int, Boot] = {}
         self._lock = threading.Lock()
         self._banners: dict[str, tuple[float, re.Pattern[str] | None]] = {}
-        self._actions: dict[int, str] = {}  # the action of each VM's last status change
+        self._actions: dict[int, str] = {}  # what last moved each VM into a transitional status
 
     # -- what the views ask ----------------------------------------------------------
 
