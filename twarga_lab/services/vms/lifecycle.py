@@ -87,6 +87,10 @@ class BackgroundTasks:
 class StatusBook:
     """The VM rows' status, changed one VM at a time under its lock."""
 
+    #: Told of every change of a row's status, in its session: ``(vm, previous, action)``
+    #: (the VM service's readiness watcher; it must not raise).
+    on_change: Callable[[VM, VMStatus, str], None] | None = None
+
     def __init__(self, db: Database, settle: Callable[[Session, VM], object]) -> None:
         self.db = db
         # Bills ``vm``'s running time since the last metering pass as it leaves running.
@@ -134,6 +138,8 @@ class StatusBook:
                 self.settle(session, vm)
             vm.status = status
             vm.status_message = message
+            if previous is not status and self.on_change is not None:
+                self.on_change(vm, previous, action)
             if previous is status and note is None:
                 return
             text = note or f"VM {vm.name} is {status.value}" + (f": {message}" if message else "")

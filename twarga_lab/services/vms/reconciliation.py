@@ -120,6 +120,8 @@ class Reconciler:
             self.book.settle(session, vm)
         vm.status = new
         vm.status_message = message
+        if self.book.on_change is not None:
+            self.book.on_change(vm, previous, "reconcile")
         if expected:
             text = f"VM {vm.name} is {new.value}"
             severity = Severity.info

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from twarga_lab.services.vms import quota, views
 from twarga_lab.services.vms.lifecycle import ACTIONS, BackgroundTasks, Lifecycle, StatusBook
 from twarga_lab.services.vms.provisioning import Provisioner
 from twarga_lab.services.vms.quota import CreateRequest, VMBounds
+from twarga_lab.services.vms.readiness import Readiness
 from twarga_lab.services.vms.reconciliation import Reconciler
 from twarga_lab.services.vms.settings import VMServiceConfig
 from twarga_lab.virt.backend import HypervisorBackend
@@ -120,6 +122,11 @@ class VMService(LoggingConfigurable):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
 
+    @functools.cached_property
+    def readiness(self) -> Readiness:
+        """Whether running VMs' guests have booted (``"ready"`` in their JSON)."""
+        return Readiness(self.db, self.images, self.provisioner.instance_dir)
+
     @property
     def file_owner(self) -> FileOwner | None:
         """The account instance folders and files belong to (QEMU's)."""
@@ -145,13 +152,17 @@ class VMService(LoggingConfigurable):
 
     async def start_up(self) -> None:
         """Listen to libvirt lifecycle events, then reconcile the database with libvirt."""
+        self.book.on_change = self.readiness.status_changed
+        self.readiness.attach(asyncio.get_running_loop())
         self.reconciler.listen(asyncio.get_running_loop())
         await self.reconcile(reason="service start")
         await self.remove_orphans()
+        await self.readiness.recover()  # VMs that ran while the service was down
 
     async def shut_down(self) -> None:
         """Cancel background work."""
         await self.tasks.cancel()
+        await self.readiness.close()
 
     # -- what other services use ----------------------------------------------------
 
@@ -194,7 +205,7 @@ class VMService(LoggingConfigurable):
     async def list(self, identity: Identity, all_users: bool = False) -> list[dict[str, Any]]:
         """The caller's VMs, or everyone's for an admin asking for all."""
         owner = None if all_users and identity.admin else identity.name
-        return await self._run(views.list_vms, self.db, owner)
+        return await self._run(views.list_vms, self.db, owner, self.readiness.is_ready)
 
     async def get(self, identity: Identity, vm_id: int) -> dict[str, Any]:
         """One VM the caller owns (or any, for an admin)."""
@@ -202,7 +213,7 @@ class VMService(LoggingConfigurable):
         def query() -> dict[str, Any]:
             with self.db.session() as session:
                 vm = views.owned_vm(session, identity, vm_id)
-                return views.vm_to_json(vm, vm.owner.name)
+                return views.vm_to_json(vm, vm.owner.name, ready=self.readiness.is_ready(vm))
 
         return await self._run(query)
 
@@ -252,7 +263,7 @@ class VMService(LoggingConfigurable):
             await self._run(self._record_refusal, identity, checked, refusal)
             raise
         self.tasks.spawn(self.lifecycle.provision(vm_id), f"provision VM {vm_id}")
-        return await self._run(views.view, self.db, vm_id)
+        return await self._run(views.view, self.db, vm_id, self.readiness.is_ready)
 
     def _insert_vm(
         self, identity: Identity, user_id: int, request: CreateRequest, image: Image
@@ -292,7 +303,7 @@ class VMService(LoggingConfigurable):
         vm = await self.get(identity, vm_id)
         if action == "destroy":
             await self.destroy(identity, vm_id)
-            return await self._run(views.view, self.db, vm_id)
+            return await self._run(views.view, self.db, vm_id, self.readiness.is_ready)
         async with self.lock(vm_id):
             vm = await self.get(identity, vm_id)
             status = VMStatus(vm["status"])
@@ -301,7 +312,7 @@ class VMService(LoggingConfigurable):
                     raise Conflict(f"VM {vm['name']} is still being created", "vm_pending")
                 return vm  # it starts by itself once created
             await self.lifecycle.run_action(identity, vm_id, action, status, vm["domain"])
-        return await self._run(views.view, self.db, vm_id)
+        return await self._run(views.view, self.db, vm_id, self.readiness.is_ready)
 
     async def stop_all_of(self, user_name: str, reason: str) -> int:
         """Stop every running VM of ``user_name`` (for example at zero credits)."""
@@ -343,7 +354,7 @@ class VMService(LoggingConfigurable):
 
         async with self.lock(vm_id):
             await self._run(work)
-        return await self._run(views.view, self.db, vm_id)
+        return await self._run(views.view, self.db, vm_id, self.readiness.is_ready)
 
     async def destroy(self, identity: Identity, vm_id: int) -> None:
         """Remove the domain, its disks and its seed; the row stays as history."""

@@ -6,6 +6,7 @@ Read-only: nothing here changes a row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -26,8 +27,11 @@ def uptime_seconds(vm: VM, now: datetime) -> int:
     return max(0, int((now - vm.started_at).total_seconds()))
 
 
-def vm_to_json(vm: VM, owner: str, now: datetime | None = None) -> dict[str, Any]:
-    """The public view of a VM."""
+def vm_to_json(
+    vm: VM, owner: str, now: datetime | None = None, ready: bool | None = None
+) -> dict[str, Any]:
+    """The public view of a VM; ``ready``: whether its guest has booted
+    (:mod:`.readiness`), None: whether it runs."""
     now = now or utcnow()
     return {
         "id": vm.id,
@@ -49,6 +53,7 @@ def vm_to_json(vm: VM, owner: str, now: datetime | None = None) -> dict[str, Any
         "created_at": vm.created_at.isoformat(),
         "started_at": vm.started_at.isoformat() if vm.started_at else None,
         "uptime": uptime_seconds(vm, now),
+        "ready": vm.status is VMStatus.running if ready is None else ready,
     }
 
 
@@ -70,16 +75,19 @@ def owned_vm(session: Session, identity: Identity, vm_id: int) -> VM:
     return vm
 
 
-def view(db: Database, vm_id: int) -> dict[str, Any]:
-    """The public view of VM ``vm_id`` as it is now (destroyed ones too: history)."""
+def view(db: Database, vm_id: int, ready: Callable[[VM], bool] | None = None) -> dict[str, Any]:
+    """The public view of VM ``vm_id`` as it is now (destroyed ones too: history);
+    ``ready`` tells whether a VM's guest has booted."""
     with db.session() as session:
         vm = session.get(VM, vm_id)
         if vm is None:
             raise NotFound(f"VM {vm_id} does not exist", "no_vm")
-        return vm_to_json(vm, vm.owner.name)
+        return vm_to_json(vm, vm.owner.name, ready=ready(vm) if ready else None)
 
 
-def list_vms(db: Database, owner: str | None) -> list[dict[str, Any]]:
+def list_vms(
+    db: Database, owner: str | None, ready: Callable[[VM], bool] | None = None
+) -> list[dict[str, Any]]:
     """Live VMs in id order: ``owner``'s, or everyone's for None."""
     with db.session() as session:
         stmt = (
@@ -91,7 +99,10 @@ def list_vms(db: Database, owner: str | None) -> list[dict[str, Any]]:
         if owner is not None:
             stmt = stmt.where(User.name == owner)
         now = utcnow()
-        return [vm_to_json(vm, name, now) for vm, name in session.execute(stmt)]
+        return [
+            vm_to_json(vm, name, now, ready(vm) if ready else None)
+            for vm, name in session.execute(stmt)
+        ]
 
 
 def credentials_view(
