@@ -41,7 +41,7 @@ RANGES: dict[str, tuple[str, float | None]] = {
     "24h": ("-24h", 300.0),
     "7d": ("-7d", 3600.0),
 }
-VM_COLUMNS = ("Name", "Status", "IP", "SSH", "Uptime", "Size", "Image")
+VM_COLUMNS = ("Name", "Status", "Ready", "IP", "SSH", "Uptime", "Size", "Image")
 USER_COLUMNS = ("User", "Credits", "VMs", "RAM (MB)", "vCPUs", "Disk (GB)", "Active")
 EVENT_COLUMNS = ("Time", "Severity", "Type", "Message", "User", "VM", "Source")
 SNAPSHOT_COLUMNS = ("Name", "Taken", "State")
@@ -128,6 +128,15 @@ def badge(text: str, color: str) -> Markup:
 # -- VMs and users ------------------------------------------------------------------------
 
 
+def ready_label(vm: Mapping[str, Any]) -> str:
+    """The "Ready" cell of a VM: ``yes`` once its guest has reported in, ``booting…`` while
+    it runs but has not, blank when it is not running. Without ``ready`` (a service from
+    before it) a running VM is ready."""
+    if vm.get("status") != "running":
+        return ""
+    return "yes" if vm.get("ready", True) else "booting…"
+
+
 def vm_rows(vms: Iterable[Mapping[str, Any]], owner: bool = False) -> list[dict[str, Any]]:
     """Table rows of VMs (``VM.to_dict()`` shapes); ``owner`` adds the owner's column."""
     rows = []
@@ -136,6 +145,7 @@ def vm_rows(vms: Iterable[Mapping[str, Any]], owner: bool = False) -> list[dict[
         row: dict[str, Any] = {
             "Name": vm.get("name"),
             "Status": badge(status, STATUS_COLORS.get(status, "#333")),
+            "Ready": ready_label(vm),
             "IP": vm.get("ip_address") or "—",
             "SSH": f"127.0.0.1:{vm['ssh_port']}" if vm.get("ssh_port") else "—",
             "Uptime": format_uptime(vm.get("uptime")) if status == "running" else "—",
