@@ -43,6 +43,18 @@ export function formatSpec(vm: IVM): string {
   return `${vm.ram} MB · ${cpus} · ${vm.disk} GB · ${vm.image}`;
 }
 
+/**
+ * Whether a VM's guest has booted, for a label next to its status: "ready", "booting"
+ * (running, the guest has not reported in yet), or null when the VM is not running. A VM
+ * without `ready` (a service from before it) is ready when running.
+ */
+export function readiness(vm: IVM): 'ready' | 'booting' | null {
+  if (vm.status !== 'running') {
+    return null;
+  }
+  return vm.ready === false ? 'booting' : 'ready';
+}
+
 /** "127.0.0.1:2222", or null when the VM has no SSH port. */
 export function formatSSH(vm: IVM): string | null {
   if (!vm.ssh_port) {

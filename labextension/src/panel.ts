@@ -7,7 +7,8 @@ import {
   formatSpec,
   formatSSH,
   formatTimestamp,
-  formatUptime
+  formatUptime,
+  readiness
 } from './format';
 import { TwargaAPIError } from './handler';
 import { TwargaModel } from './model';
@@ -444,7 +445,10 @@ class VMRow {
     this.node = element('div', 'twarga-vm');
     const head = this.node.appendChild(element('div', 'twarga-vm-head'));
     this._name = head.appendChild(element('span', 'twarga-vm-name'));
-    this._status = head.appendChild(element('span', 'twarga-vm-status'));
+    const state = head.appendChild(element('span', 'twarga-vm-state'));
+    this._status = state.appendChild(element('span', 'twarga-vm-status'));
+    this._ready = state.appendChild(element('span', 'twarga-vm-ready'));
+    this._ready.hidden = true;
     const details = this.node.appendChild(element('div', 'twarga-vm-details'));
     this._spec = details.appendChild(element('span', 'twarga-vm-spec'));
     this._uptime = details.appendChild(element('span', 'twarga-vm-uptime'));
@@ -479,6 +483,7 @@ class VMRow {
     this._name.textContent = vm.name;
     this._status.textContent = vm.status;
     this._status.className = `twarga-vm-status twarga-status-${vm.status}`;
+    this._updateReady(vm);
     this._spec.textContent = formatSpec(vm);
     this._uptime.textContent =
       vm.status === 'running' ? `up ${formatUptime(vm.uptime)}` : '';
@@ -514,8 +519,30 @@ class VMRow {
     }
   }
 
+  /** "booting…" or "ready" next to a running VM's status (the console works in both). */
+  private _updateReady(vm: IVM): void {
+    const ready = readiness(vm);
+    this._ready.hidden = ready === null;
+    if (ready === null) {
+      delete this.node.dataset.ready;
+      this._ready.textContent = '';
+      this._ready.className = 'twarga-vm-ready';
+      this._ready.title = '';
+      return;
+    }
+    this.node.dataset.ready = String(ready === 'ready');
+    this._ready.textContent = ready === 'ready' ? 'ready' : 'booting…';
+    this._ready.className = `twarga-vm-ready twarga-ready-${ready}`;
+    this._ready.title =
+      ready === 'ready'
+        ? 'The guest has booted: SSH and its services answer'
+        : 'The VM runs, its guest is still starting: SSH may not answer yet ' +
+          '(the console shows the boot)';
+  }
+
   private _name: HTMLElement;
   private _status: HTMLElement;
+  private _ready: HTMLElement;
   private _spec: HTMLElement;
   private _uptime: HTMLElement;
   private _ssh: HTMLElement;

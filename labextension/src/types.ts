@@ -30,6 +30,12 @@ export interface IVM {
   created_at: string;
   started_at: string | null;
   uptime: number;
+  /**
+   * Whether the guest has reported in (cloud-init's final message, the image's banner or
+   * sshd answering); false whenever the VM is not running. A service from before this
+   * field sends none: a running VM then counts as ready.
+   */
+  ready?: boolean;
 }
 
 export interface IQuota {

@@ -252,6 +252,8 @@ def test_panel_creates_a_vm_and_shows_field_errors(page: Any, lab_server: LabSer
     expect(vm.locator(".twarga-vm-status")).to_have_text("running")
     expect(vm.locator(".twarga-vm-ssh")).to_have_text(re.compile(r"^ssh 127\.0\.0\.1:\d+$"))
     expect(vm.locator(".twarga-vm-uptime")).to_have_text(re.compile(r"^up \d+"))
+    # The placeholder image has no ready banner: ready as soon as it runs.
+    expect(vm.locator(".twarga-vm-ready")).to_have_text("ready")
     expect(panel.locator(".twarga-quota")).to_have_text("VMs 1/5 · RAM 512/8192 MB")
     expect(vm.locator('[data-action="start"]')).to_be_disabled()
     expect(vm.locator('[data-action="stop"]')).to_be_enabled()
@@ -286,6 +288,7 @@ def test_vm_buttons_stop_start_and_destroy(page: Any, lab_server: LabServer) -> 
 
     vm.locator('[data-action="stop"]').click()
     expect(status).to_have_text("stopped")
+    expect(vm.locator(".twarga-vm-ready")).to_be_hidden()
     expect(vm.locator('[data-action="console"]')).to_be_disabled()
     vm.locator('[data-action="start"]').click()
     expect(status).to_have_text("running")
