@@ -312,6 +312,13 @@ class VM:
         self._data = self._lab.request("PATCH", f"vms/{self.id}", changes)
         return self
 
+    def clone(self, name: str, wait: bool = False, timeout: float = 300) -> VM:
+        """A new VM called ``name`` with a copy of this stopped VM's disk (snapshots are
+        not copied); it is pending while the disk is copied, then stopped: ``wait=True``
+        waits for that. Quotas and credits apply as for a create."""
+        clone = VM(self._lab, self._lab.request("POST", f"vms/{self.id}/clone", {"name": name}))
+        return clone.wait("stopped", timeout) if wait else clone
+
     @property
     def ready(self) -> bool:
         """Whether the guest has booted (its image's console banner came, e.g. cloud-init

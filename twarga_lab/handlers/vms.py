@@ -1,4 +1,4 @@
-"""``/twarga/api/vms``: list, create, read, change, destroy and act on VMs."""
+"""``/twarga/api/vms``: list, create, read, change, clone, destroy and act on VMs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from twarga_lab.handlers.base import TwargaAPIHandler
-from twarga_lab.schemas import CreateVM, UpdateVM, VMAction
+from twarga_lab.schemas import CloneVM, CreateVM, UpdateVM, VMAction
 
 
 class VMListHandler(TwargaAPIHandler):
@@ -55,6 +55,18 @@ class VMActionHandler(TwargaAPIHandler):
         self.write_json(await vms.action(self.identity, int(vm_id), request.action))
 
 
+class VMCloneHandler(TwargaAPIHandler):
+    """A copy of a stopped VM: answered like a create (201, the new VM pending)."""
+
+    @web.authenticated
+    @authorized
+    async def post(self, vm_id: str) -> None:
+        request = CloneVM.from_body(self.json_body())
+        vm = await self.services.vms.clone(self.identity, int(vm_id), request)
+        self.set_header("Location", url_path_join(self.base_url, "twarga/api/vms", str(vm["id"])))
+        self.write_json(vm, status=201)
+
+
 class VMCredentialsHandler(TwargaAPIHandler):
     """Root's password and the SSH forward of a VM: its owner only (others get 404)."""
 
@@ -69,5 +81,6 @@ default_handlers = [
     (r"/twarga/api/vms", VMListHandler),
     (r"/twarga/api/vms/(?P<vm_id>\d+)", VMHandler),
     (r"/twarga/api/vms/(?P<vm_id>\d+)/action", VMActionHandler),
+    (r"/twarga/api/vms/(?P<vm_id>\d+)/clone", VMCloneHandler),
     (r"/twarga/api/vms/(?P<vm_id>\d+)/credentials", VMCredentialsHandler),
 ]

@@ -17,16 +17,24 @@ from twarga_lab.schemas.base import UNSET, FieldDoc, Request, Unset, check_types
 from twarga_lab.schemas.me import SetSSHKey, validate_ssh_key
 from twarga_lab.schemas.metrics import HistoryQuery, parse_time
 from twarga_lab.schemas.soc import EventQuery
-from twarga_lab.schemas.vms import CreateSnapshot, CreateVM, UpdateVM, VMAction, validate_name
+from twarga_lab.schemas.vms import (
+    CloneVM,
+    CreateSnapshot,
+    CreateVM,
+    UpdateVM,
+    VMAction,
+    validate_name,
+)
 
 SCHEMAS: tuple[type[Request], ...] = (
-    CreateVM, UpdateVM, VMAction, CreateSnapshot, SetSSHKey, GrantCredits, SetQuota,
+    CreateVM, CloneVM, UpdateVM, VMAction, CreateSnapshot, SetSSHKey, GrantCredits, SetQuota,
     EventQuery, HistoryQuery,
 )  # fmt: skip
 
 __all__ = [
     "SCHEMAS",
     "UNSET",
+    "CloneVM",
     "CreateSnapshot",
     "CreateVM",
     "EventQuery",

@@ -1,4 +1,4 @@
-"""``/twarga/api/vms``: creating a VM, changing one, and the bodies of VM actions and
+"""``/twarga/api/vms``: creating a VM, cloning one, changing one, and the bodies of VM actions and
 snapshots.
 
 The rules that need no server state live here: a VM's name, the image named twice (as
@@ -87,6 +87,23 @@ class CreateVM(Request):
         checked = cls.checked_body(body)
         validate_name(checked["name"])
         requested_image(checked)
+        return cls(**checked)
+
+
+@dataclass(frozen=True)
+class CloneVM(Request):
+    """``POST /twarga/api/vms/{id}/clone``: a copy of a stopped VM under a new name (its
+    image and sizes are the source's)."""
+
+    required: ClassVar[tuple[str, ...]] = ("name",)
+
+    name: str = field(metadata=wire(f"The new VM's name: {NAME_DOC}", str))
+
+    @classmethod
+    def from_body(cls, body: Any) -> Self:
+        """400 for a body of the wrong shape, 422 (``invalid_name``) for a bad name."""
+        checked = cls.checked_body(body)
+        validate_name(checked["name"])
         return cls(**checked)
 
 

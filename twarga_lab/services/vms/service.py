@@ -29,6 +29,7 @@ from twarga_lab.services import Identity
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.users import UserService, lock_user
 from twarga_lab.services.vms import quota, views
+from twarga_lab.services.vms.cloning import Cloner
 from twarga_lab.services.vms.lifecycle import ACTIONS, BackgroundTasks, Lifecycle, StatusBook
 from twarga_lab.services.vms.provisioning import Provisioner
 from twarga_lab.services.vms.quota import CreateRequest, VMBounds
@@ -40,7 +41,7 @@ from twarga_lab.virt.domain import DomainSpec
 from twarga_lab.virt.images import TINY_IMAGE, FileOwner, Image, ImageStore, qemu_account
 
 if TYPE_CHECKING:
-    from twarga_lab.schemas.vms import CreateVM, UpdateVM
+    from twarga_lab.schemas.vms import CloneVM, CreateVM, UpdateVM
     from twarga_lab.services.credits import CreditService
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class VMService(LoggingConfigurable):
             backend, config, self.book, self.provisioner, self.tasks, self.require_credits
         )
         self.reconciler = Reconciler(db, backend, config, self.book, self.lifecycle, self.tasks)
+        self.cloner = Cloner(db, users, self.provisioner, backend, self.book, self.tasks)
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -289,6 +291,15 @@ class VMService(LoggingConfigurable):
                 f"VM {request.name} refused for {identity.name}: {refusal.message}",
                 user_name=identity.name, action="create", reason=refusal.reason,
             )  # fmt: skip
+
+    # -- clone ----------------------------------------------------------------------
+
+    async def clone(self, identity: Identity, vm_id: int, request: CloneVM) -> dict[str, Any]:
+        """Accept a copy of stopped VM ``vm_id`` (pending; stopped once its disk is copied,
+        see :mod:`.cloning`): the create's quota and credit checks, for the source's owner."""
+        await self.get(identity, vm_id)  # ownership, before waiting on the source's lock
+        clone_id = await self.cloner.clone(identity, vm_id, request.name)
+        return await self._run(views.view, self.db, clone_id, self.readiness.is_ready)
 
     # -- actions --------------------------------------------------------------------
 
