@@ -441,7 +441,7 @@ class TwargaLabApp(ExtensionApp):
         db = Database(self.db_url).open()
         backend = self.backend_class(self.libvirt_uri)
         images = ImageStore(Path(self.images_dir))
-        users = UserService(db, parent=self)
+        users = UserService(db, backend=backend, parent=self)  # snapshots count as disk
         vms = VMService(
             db,
             backend,

@@ -1,4 +1,5 @@
-"""Credits: metering of running VMs, admin grants, quotas, and the users' overview.
+"""Credits: metering of running VMs and of snapshots, admin grants, quotas, and the
+users' overview.
 
 Every change of a balance is a ``credit_ledger`` row written under the user's lock
 (:func:`~twarga_lab.services.users.lock_user`), so concurrent metering and grants queue
@@ -28,12 +29,13 @@ from twarga_lab.services.background import cancel_and_wait
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.users import (
     MILLI,
+    HeldSnapshot,
     Usage,
     UserService,
     add_credit_entry,
     balance_milli,
+    held_snapshots,
     lock_user,
-    usage_by_user,
 )
 
 if TYPE_CHECKING:
@@ -78,6 +80,11 @@ class CreditService(LoggingConfigurable):
     per_gb_ram_hour = Float(
         5.0, help="Credits a running VM costs per GB of RAM and hour (charged every minute)."
     ).tag(config=True)
+    per_gb_snapshot_hour = Float(
+        0.1,
+        help="Credits a snapshot costs per GB and hour while it exists (charged every "
+        "interval); a snapshot counts as its VM's disk size.",
+    ).tag(config=True)
     interval = Float(
         60.0, help="Seconds between two charges of running VMs; at zero credits they stop."
     ).tag(config=True)
@@ -86,27 +93,64 @@ class CreditService(LoggingConfigurable):
         super().__init__(**kwargs)
         self.db = db
         self.users = users
+        # Snapshots are charged for their time since the later of their creation and the
+        # previous metering pass (time the server was down is not charged).
+        self.snapshots_metered_until = utcnow()
 
     def cost_milli(self, cpu: int, ram_mb: int, seconds: float) -> int:
         """Thousandths of a credit for ``seconds`` of a VM of this size (rounded up)."""
         per_hour = cpu * self.per_vcpu_hour + ram_mb / 1024 * self.per_gb_ram_hour
         return math.ceil(per_hour * max(0.0, seconds) / 3600 * MILLI)
 
+    def snapshot_cost_milli(self, disk_gb: int, seconds: float) -> int:
+        """Thousandths of a credit for keeping a snapshot of a ``disk_gb`` VM ``seconds``
+        (rounded up)."""
+        return math.ceil(disk_gb * self.per_gb_snapshot_hour * max(0.0, seconds) / 3600 * MILLI)
+
     # -- metering -----------------------------------------------------------------------
 
     def meter(self, now: datetime | None = None) -> MeterReport:
-        """Charge every running VM for its time since it was last metered."""
+        """Charge every running VM for its time since it was last metered, and every
+        snapshot for its time since the previous pass."""
         now = now or utcnow()
         report = MeterReport()
         with self.db.session() as session:
             owners = session.scalars(
                 select(VM.owner_id).where(VM.status == VMStatus.running).distinct()
             ).all()
-        for owner_id in owners:
-            self._meter_user(owner_id, now, report)
+            backend = self.users.backend
+            snapshots = held_snapshots(session, backend) if backend is not None else []
+        since, self.snapshots_metered_until = self.snapshots_metered_until, now
+        held: dict[int, list[HeldSnapshot]] = {}
+        for snapshot in snapshots:
+            held.setdefault(snapshot.owner_id, []).append(snapshot)
+        for owner_id in dict.fromkeys([*owners, *held]):
+            self._meter_user(owner_id, now, report, held.get(owner_id, []), since)
         return report
 
-    def _meter_user(self, owner_id: int, now: datetime, report: MeterReport) -> None:
+    def _snapshot_charge(
+        self, held: list[HeldSnapshot], now: datetime, since: datetime
+    ) -> tuple[int, list[str]]:
+        """The cost of ``held`` between ``since`` (or a later creation) and ``now``."""
+        cost, parts = 0, []
+        for snapshot in held:
+            seconds = (now - max(since, snapshot.created_at)).total_seconds()
+            if seconds <= 0:
+                continue
+            cost += self.snapshot_cost_milli(snapshot.disk_gb, seconds)
+            parts.append(
+                f"{snapshot.vm_name}/{snapshot.name} {snapshot.disk_gb} GB {seconds:.0f} s"
+            )
+        return cost, parts
+
+    def _meter_user(
+        self,
+        owner_id: int,
+        now: datetime,
+        report: MeterReport,
+        held: list[HeldSnapshot] | None = None,
+        since: datetime | None = None,
+    ) -> None:
         with self.db.session() as session:
             lock_user(session, owner_id)
             owner = session.get(User, owner_id)
@@ -123,16 +167,28 @@ class CreditService(LoggingConfigurable):
                 cost += self.cost_milli(vm.cpu, vm.ram_mb, seconds)
                 parts.append(f"{vm.name} {seconds:.0f} s")
                 vm.metered_until = now
-            if cost == 0:
+            snapshot_cost, snapshot_parts = self._snapshot_charge(held or [], now, since or now)
+            if cost == 0 and snapshot_cost == 0:
                 return
             balance = balance_milli(session, owner_id)
+            # VMs first, then snapshots, each at most what is left (never below zero).
             charge = min(cost, balance)
             if charge > 0:
                 add_credit_entry(
                     session, owner_id, -charge, "VM usage: " + ", ".join(parts), "meter"
                 )
+            snapshot_charge = min(snapshot_cost, balance - charge)
+            if snapshot_charge > 0:
+                add_credit_entry(
+                    session, owner_id, -snapshot_charge,
+                    "snapshot storage: " + ", ".join(snapshot_parts), "meter",
+                )  # fmt: skip
+            vm_cost = cost
+            cost, charge = cost + snapshot_cost, charge + snapshot_charge
+            if charge > 0:
                 report.charged_milli[owner.name] = charge
-            if balance - charge <= 0:
+            # Snapshots alone warn once, as they take the last credits, not every pass.
+            if balance - charge <= 0 and (vm_cost > 0 or balance > 0):
                 report.exhausted.append(owner.name)
                 record_event(
                     session, EventType.system, Severity.warning,
@@ -264,7 +320,7 @@ class CreditService(LoggingConfigurable):
                 ).all()
             )
             quotas = {q.user_id: q for q in session.scalars(select(Quota))}
-            usages = usage_by_user(session)
+            usages = self.users.usage_by_user(session)  # snapshots' GB included
             nothing = Usage(vms=0, ram_mb=0, cpu=0, disk_gb=0)
             for user in session.scalars(select(User).order_by(User.name)):
                 account = accounts.get(user.name)

@@ -15,11 +15,12 @@ from traitlets import Int
 from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
-from twarga_lab.db.models import VMStatus
+from twarga_lab.db.models import VM, VMStatus
 from twarga_lab.errors import Conflict, NotFound, QuotaExceeded, ValidationFailed
 from twarga_lab.services import Identity
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.vms import TRANSITIONAL, VMService, status_for, validate_name
+from twarga_lab.services.vms.quota import check_snapshot_quota
 from twarga_lab.virt.backend import HypervisorBackend
 from twarga_lab.virt.snapshot import SnapshotInfo
 
@@ -88,6 +89,22 @@ class SnapshotService(LoggingConfigurable):
                 snapshot=snapshot, **details,
             )  # fmt: skip
 
+    def _check_storage(self, vm: dict[str, Any], identity: Identity, name: str) -> None:
+        """409 ``quota_exceeded`` (a warning event) if one more snapshot of ``vm`` would
+        take its owner's disk usage (snapshots included) over ``max_disk_gb``."""
+        try:
+            with self.db.session() as session:
+                row = session.get(VM, vm["id"])
+                assert row is not None
+                check_snapshot_quota(session, self.vms.users, row)
+        except QuotaExceeded as refused:
+            self._record(
+                vm, identity, "snapshot_create",
+                f"snapshot {name} of VM {vm['name']} refused for {identity.name}: "
+                f"disk quota", name, Severity.warning, reason="quota_exceeded",
+            )  # fmt: skip
+            raise refused
+
     async def list(self, identity: Identity, vm_id: int) -> list[dict[str, Any]]:
         """The VM's snapshots, oldest first."""
         vm = await self._vm(identity, vm_id, changing=False)
@@ -115,6 +132,9 @@ class SnapshotService(LoggingConfigurable):
                     f"is {self.max_per_vm}; delete one first",
                     "quota_exceeded",
                 )
+            # A snapshot costs storage: refused at zero credits, as starting a VM is.
+            await self._run(self.vms.require_credits, identity, vm_id, "snapshot_create")
+            await self._run(self._check_storage, vm, identity, name)
             description = f"Twarga snapshot of VM {vm['name']} by {identity.name}"
             snapshot = await self._run(self.backend.snapshot_create, domain, name, description)
             await self._run(

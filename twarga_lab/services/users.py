@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
@@ -13,12 +14,13 @@ from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, CreditEntry, Quota, User, VMStatus, utcnow
-from twarga_lab.errors import NotFound
+from twarga_lab.errors import NotFound, TwargaError
 from twarga_lab.services import Identity
 from twarga_lab.services.events import EventType, Severity, record_event
 
 if TYPE_CHECKING:  # the schemas read MILLI from here
     from twarga_lab.schemas import SetSSHKey
+    from twarga_lab.virt.backend import HypervisorBackend
 
 MILLI = 1000
 # VMs in these states hold resources against the user's quota.
@@ -47,9 +49,34 @@ class Usage:
     ram_mb: int
     cpu: int
     disk_gb: int
+    # Each snapshot counts as its VM's disk size (the most it can hold).
+    snapshot_disk_gb: int = 0
+
+    @property
+    def total_disk_gb(self) -> int:
+        """What counts against ``max_disk_gb``: the VMs' disks and their snapshots."""
+        return self.disk_gb + self.snapshot_disk_gb
 
     def to_json(self) -> dict[str, int]:
-        return {"vms": self.vms, "ram_mb": self.ram_mb, "cpu": self.cpu, "disk_gb": self.disk_gb}
+        return {
+            "vms": self.vms,
+            "ram_mb": self.ram_mb,
+            "cpu": self.cpu,
+            "disk_gb": self.disk_gb,
+            "snapshot_disk_gb": self.snapshot_disk_gb,
+        }
+
+
+@dataclass(frozen=True)
+class HeldSnapshot:
+    """One snapshot of a live VM, as the quota and the credit meter count it."""
+
+    owner_id: int
+    vm_id: int
+    vm_name: str
+    name: str
+    disk_gb: int
+    created_at: datetime
 
 
 def lock_user(session: Session, user_id: int) -> None:
@@ -122,6 +149,40 @@ def usage_by_user(session: Session) -> dict[int, Usage]:
     }
 
 
+def held_snapshots(
+    session: Session, backend: HypervisorBackend, user_id: int | None = None
+) -> list[HeldSnapshot]:
+    """The snapshots of the live VMs (of ``user_id``, or everyone's), asked of libvirt.
+
+    A domain libvirt no longer knows (or cannot list) holds none."""
+    query = select(VM.id, VM.owner_id, VM.name, VM.domain_name, VM.disk_gb).where(
+        VM.status.in_(LIVE_STATUSES), VM.domain_name.is_not(None)
+    )
+    if user_id is not None:
+        query = query.where(VM.owner_id == user_id)
+    held = []
+    for vm_id, owner_id, vm_name, domain, disk_gb in session.execute(query).all():
+        if not domain:
+            continue
+        try:
+            found = backend.snapshots(domain)
+        except TwargaError:
+            continue
+        held.extend(
+            HeldSnapshot(owner_id, vm_id, vm_name, s.name, int(disk_gb), s.created_at)
+            for s in found
+        )
+    return held
+
+
+def snapshot_disk_gb_by_user(held: list[HeldSnapshot]) -> dict[int, int]:
+    """GB the snapshots count for, per owner."""
+    total: dict[int, int] = {}
+    for snapshot in held:
+        total[snapshot.owner_id] = total.get(snapshot.owner_id, 0) + snapshot.disk_gb
+    return total
+
+
 class UserService(LoggingConfigurable):
     """Creates users on first sight (with their starting credits) and reports on them."""
 
@@ -131,10 +192,33 @@ class UserService(LoggingConfigurable):
     )
     max_ram_mb = Int(8192, help="Default quota: total RAM of a user's VMs, in MB.").tag(config=True)
 
-    def __init__(self, db: Database, **kwargs: Any) -> None:
+    def __init__(
+        self, db: Database, backend: HypervisorBackend | None = None, **kwargs: Any
+    ) -> None:
+        """``backend`` lists the VMs' snapshots (they count in the disk usage); without
+        one (some unit tests) snapshots count for nothing."""
         super().__init__(**kwargs)
         self.db = db
+        self.backend = backend
         self._known: dict[str, int] = {}
+
+    def usage(self, session: Session, user_id: int) -> Usage:
+        """What the user's live VMs hold, their snapshots' GB included."""
+        used = usage(session, user_id)
+        if self.backend is None:
+            return used
+        gb = sum(s.disk_gb for s in held_snapshots(session, self.backend, user_id))
+        return replace(used, snapshot_disk_gb=gb)
+
+    def usage_by_user(self, session: Session) -> dict[int, Usage]:
+        """:func:`usage_by_user` with every user's snapshots' GB."""
+        usages = usage_by_user(session)
+        if self.backend is None:
+            return usages
+        for owner, gb in snapshot_disk_gb_by_user(held_snapshots(session, self.backend)).items():
+            if owner in usages:
+                usages[owner] = replace(usages[owner], snapshot_disk_gb=gb)
+        return usages
 
     @property
     def starting_credits_milli(self) -> int:
@@ -202,7 +286,7 @@ class UserService(LoggingConfigurable):
                 "admin": identity.admin,
                 "credits": balance_milli(session, user_id) / MILLI,
                 "quota": self.effective_quota(session, user_id).to_json(),
-                "usage": usage(session, user_id).to_json(),
+                "usage": self.usage(session, user_id).to_json(),
                 "ssh_public_key": user.ssh_public_key,
                 "created_at": user.created_at.isoformat(),
             }

@@ -135,13 +135,26 @@ def test_usage_counts_live_vms_only(db, users):
             "ram_mb": 1536,
             "cpu": 3,
             "disk_gb": 4,
+            "snapshot_disk_gb": 0,  # no backend here: snapshots are counted by UserService
         }
         by_user = usage_by_user(session)
         assert by_user[alice] == usage(session, alice)
-        assert by_user[bob].to_json() == {"vms": 1, "ram_mb": 256, "cpu": 1, "disk_gb": 2}
+        assert by_user[bob].to_json() == {
+            "vms": 1,
+            "ram_mb": 256,
+            "cpu": 1,
+            "disk_gb": 2,
+            "snapshot_disk_gb": 0,
+        }
         carol = users.ensure("carol")
         assert carol not in by_user
-        assert usage(session, carol).to_json() == {"vms": 0, "ram_mb": 0, "cpu": 0, "disk_gb": 0}
+        assert usage(session, carol).to_json() == {
+            "vms": 0,
+            "ram_mb": 0,
+            "cpu": 0,
+            "disk_gb": 0,
+            "snapshot_disk_gb": 0,
+        }
 
 
 def test_me_and_the_ssh_key(users):

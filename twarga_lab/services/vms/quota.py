@@ -128,7 +128,7 @@ def check_create_quota(
     if not has_credits(session, user_id):
         raise QuotaExceeded("you have no credits left; ask an admin for more", "no_credits")
     quota = users.effective_quota(session, user_id)
-    used = usage(session, user_id)
+    used = users.usage(session, user_id)  # snapshots' GB included
     if used.vms + 1 > quota.max_vms:
         raise QuotaExceeded(
             f"you may have at most {quota.max_vms} VMs and have {used.vms}",
@@ -145,9 +145,25 @@ def check_create_quota(
             f"{request.cpu} more vCPUs would exceed your quota of {quota.max_cpu}",
             "quota_exceeded",
         )
-    if quota.max_disk_gb is not None and used.disk_gb + request.disk > quota.max_disk_gb:
+    if quota.max_disk_gb is not None and used.total_disk_gb + request.disk > quota.max_disk_gb:
         raise QuotaExceeded(
             f"{request.disk} GB more disk would exceed your quota of {quota.max_disk_gb} GB",
+            "quota_exceeded",
+        )
+
+
+def check_snapshot_quota(session: Session, users: UserService, vm: VM) -> None:
+    """Whether ``vm``'s owner may hold one more snapshot of it: a snapshot counts as the
+    VM's disk size (the most it can hold) against ``max_disk_gb``."""
+    quota = users.effective_quota(session, vm.owner_id)
+    if quota.max_disk_gb is None:
+        return
+    used = users.usage(session, vm.owner_id)
+    if used.total_disk_gb + vm.disk_gb > quota.max_disk_gb:
+        raise QuotaExceeded(
+            f"a snapshot of VM {vm.name} counts as {vm.disk_gb} GB more disk and would "
+            f"exceed your quota of {quota.max_disk_gb} GB ({used.disk_gb} GB of disks and "
+            f"{used.snapshot_disk_gb} GB of snapshots in use)",
             "quota_exceeded",
         )
 
