@@ -63,7 +63,10 @@ def test_the_json_of_a_vm():
         "created_at": T0.isoformat(),
         "started_at": (T0 + timedelta(minutes=1)).isoformat(),
         "uptime": 600,
+        "ready": True,  # no readiness known: a running VM counts as ready
     }
+    booting = vm_to_json(a_vm(), "alice", T0 + timedelta(minutes=11), ready=False)
+    assert booting["ready"] is False and booting["status"] == "running"
     off = vm_to_json(a_vm(ssh_port=None, started_at=None, status=VMStatus.error), "alice", T0)
     assert (off["ssh_host"], off["ssh_port"], off["started_at"], off["uptime"]) == (
         None, None, None, 0,
