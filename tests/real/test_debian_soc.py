@@ -71,9 +71,11 @@ def test_openssh_brute_force_on_debian_reaches_the_soc_and_the_password_logs_in(
         domain_xml = virsh("dumpxml", vm["domain"]).stdout
         assert "org.twarga.syslog.0" in domain_xml and password not in domain_xml
 
-        # As soon as the key works: the image's rsyslog forwards from boot, so the failures
-        # count even while cloud-init is still finishing.
-        out = wait_for_ssh(key, port, "systemctl is-active rsyslog")
+        # Password logins are on once cloud-init's config stage has set them up (before,
+        # sshd answers "publickey" only): wait for cloud-init to finish.
+        out = wait_for_ssh(
+            key, port, "cloud-init status --wait >/dev/null; systemctl is-active rsyslog"
+        )
         assert out.strip() == "active"
         print(f"\ndebian/12: SSH up {time.monotonic() - booted:.0f} s after running")
         assert critical_bruteforce(api, vm["id"]) == []

@@ -87,6 +87,17 @@ def test_a_debian_vm_boots_takes_the_owners_key_and_keeps_its_disk(tmp_path):
         assert 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"' in out
         assert out.strip().endswith("deb-1")
         assert "42" in wait_for_ssh(key, vm["ssh_port"], "sudo -n sh -c 'echo $((6*7))'")
+        # systemd came all the way up, and growpart made the root file system the 10 GB asked
+        # for (the image's own is 2 GB).
+        state, failed, size = wait_for_ssh(
+            key,
+            vm["ssh_port"],
+            "cloud-init status --wait >/dev/null; systemctl is-system-running --wait; "
+            "echo \"failed: $(systemctl --failed --no-legend --plain | tr '\\n' ' ')\"; "
+            "df -BG --output=size / | tail -1",
+        ).split("\n")[:3]
+        assert state == "running", failed
+        assert 9 <= int(size.strip().rstrip("G")) <= 10, size
         wait_for_ssh(key, vm["ssh_port"], "echo kept-across-restarts > ~/kept && sync")
 
         stop = httpx.post(f"{api}vms/{vm['id']}/action", headers=ALICE, json={"action": "stop"})
@@ -94,6 +105,12 @@ def test_a_debian_vm_boots_takes_the_owners_key_and_keeps_its_disk(tmp_path):
         wait_status(api, vm["id"], "stopped", timeout=180)
         start = httpx.post(f"{api}vms/{vm['id']}/action", headers=ALICE, json={"action": "start"})
         assert start.status_code == 200, start.text
+        vm = wait_status(api, vm["id"], "running")
+        assert wait_for_ssh(key, vm["ssh_port"], "cat ~/kept").strip() == "kept-across-restarts"
+        restart = httpx.post(
+            f"{api}vms/{vm['id']}/action", headers=ALICE, json={"action": "restart"}, timeout=120
+        )
+        assert restart.status_code == 200, restart.text
         vm = wait_status(api, vm["id"], "running")
         assert wait_for_ssh(key, vm["ssh_port"], "cat ~/kept").strip() == "kept-across-restarts"
         assert httpx.delete(f"{api}vms/{vm['id']}", headers=ALICE, timeout=120).status_code == 204

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,12 @@ async def test_the_service_reconnects_after_libvirtd_restarts(api, twarga, clean
         lambda: loop.call_soon_threadsafe(reconnected.set)
     )
     subprocess.run(["pkill", "-x", "libvirtd"], check=True)
+    # The old daemon holds its pid file until it has shut down (slow on a loaded machine):
+    # a new one started before that exits at once.
+    deadline = time.monotonic() + 60
+    while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "libvirtd did not stop within 60 s"
+        await asyncio.sleep(0.1)
     subprocess.run(["libvirtd", "-d"], check=True)  # no systemd here: start it by hand
     await asyncio.wait_for(reconnected.wait(), timeout=60)
     # Guests outlive libvirtd, and lifecycle events flow again on the new connection.
