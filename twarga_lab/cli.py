@@ -309,7 +309,7 @@ class Command(Application):
         self.exit_code = self.execute()
 
     def execute(self) -> int:
-        raise NotImplementedError
+        raise NotImplementedError  # each subcommand defines it; a group runs its subapp
 
     def settings(self) -> TwargaLabApp:
         """A TwargaLabApp resolved as the server resolves it: defaults and ``$TWARGA_*``,
