@@ -18,6 +18,10 @@ Inside a Hub user's server or a personal ``jupyter lab`` it needs no arguments::
     >>> lab.metrics.history("cpu_usage", vm=vm, since="-1h")   # a pandas DataFrame
     >>> lab.soc.events(limit=50)                 # a pandas DataFrame
     >>> lab.admin.users()                        # admins only
+    >>> mine = lab.create_lab("attack-defend", "mine")   # a lab: several VMs, own network
+    >>> mine.wait("running"); mine.vms; mine.check()      # checks as a DataFrame
+    >>> course = lab.deploy("attack-defend", "sec101", "tp1")  # one lab per group member
+    >>> course.check(); course.grades()                  # teacher: grade per student
 
 Errors from the service become exceptions carrying its message: :class:`BadRequest`
 (400), :class:`AuthenticationError` (401), :class:`PermissionDenied` (403),
@@ -26,9 +30,9 @@ Errors from the service become exceptions carrying its message: :class:`BadReque
 all subclasses of :class:`TwargaAPIError`. Calls are synchronous; ``wait_async`` and
 ``run_async`` are there for notebooks that keep working while a VM boots.
 
-Why it is long: it is the notebook's whole public API (Lab, VMs, images, metrics, SOC,
-admin), one import and one help() page for users; it holds no logic beyond HTTP calls and
-their typed results, and the serial-console protocol lives in serial_console.py.
+Why it is long: it is the notebook's whole public API (Lab, VMs, labs, deployments, images,
+metrics, SOC, admin), one import and one help() page for users; it holds no logic beyond
+HTTP calls and their typed results, and the serial-console protocol lives in serial_console.py.
 """
 
 from __future__ import annotations
@@ -59,7 +63,9 @@ __all__ = [
     "AuthenticationError",
     "BadRequest",
     "Conflict",
+    "Deployment",
     "Lab",
+    "LabInstance",
     "NotFound",
     "PermissionDenied",
     "QuotaExceeded",
@@ -186,7 +192,10 @@ class Lab:
     and ``token`` to go elsewhere.
 
     Attributes: ``vms`` (:class:`VMs`), ``metrics`` (:class:`Metrics`), ``soc``
-    (:class:`SOC`), ``admin`` (:class:`Admin`).
+    (:class:`SOC`), ``admin`` (:class:`Admin`). Labs (several VMs on private networks, made
+    from a template) and class deployments: :meth:`lab_templates`, :meth:`labs`,
+    :meth:`create_lab`, :meth:`get_lab`, :meth:`deployments`, :meth:`deploy`,
+    :meth:`get_deployment`.
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60):
@@ -248,6 +257,49 @@ class Lab:
     def set_ssh_key(self, key: str | None) -> dict[str, Any]:
         """Store my SSH public key (installed into the VMs I create next)."""
         return self.request("PATCH", "me", {"ssh_public_key": key})
+
+    # -- labs and deployments -------------------------------------------------------------
+
+    def lab_templates(self) -> list[dict[str, Any]]:
+        """The lab templates I can make labs from (each with ``machines_count`` and
+        ``vm_count``)."""
+        return self.request("GET", "lab-templates")
+
+    def labs(self, all: bool = False) -> list[LabInstance]:
+        """My labs (admins: everyone's with ``all=True``)."""
+        params = {"all": "1"} if all else None
+        return [LabInstance(self, data) for data in self.request("GET", "labs", params=params)]
+
+    def create_lab(
+        self,
+        template: str | dict[str, Any],
+        name: str,
+        wait: bool = False,
+        timeout: float = 300,
+    ) -> LabInstance:
+        """Make lab ``name`` from ``template`` (a template's name, or a whole template as a
+        dict): all its VMs and networks, or nothing. ``wait=True`` waits until all run."""
+        body = {"template": _template_body(template), "name": name}
+        lab = LabInstance(self, self.request("POST", "labs", body))
+        return lab.wait("running", timeout) if wait else lab
+
+    def get_lab(self, lab_id: int) -> LabInstance:
+        """One lab by id (mine, or any for an admin or its deployment's teacher)."""
+        return LabInstance(self, self.request("GET", f"labs/{int(lab_id)}"))
+
+    def deployments(self) -> list[Deployment]:
+        """The deployments I may see (admins: all; instructors: their groups')."""
+        return [Deployment(self, data) for data in self.request("GET", "deployments")]
+
+    def deploy(self, template: str | dict[str, Any], group: str, name: str) -> Deployment:
+        """Give every member of Hub group ``group`` a lab ``name`` made from ``template``
+        (admins, or the group's instructors)."""
+        body = {"template": _template_body(template), "group": group, "name": name}
+        return Deployment(self, self.request("POST", "deployments", body))
+
+    def get_deployment(self, deployment_id: int) -> Deployment:
+        """One deployment with all its labs (the teacher sees every student's copy)."""
+        return Deployment(self, self.request("GET", f"deployments/{int(deployment_id)}"))
 
     def ws_url(self, path: str) -> str:
         """The websocket URL of an API path."""
@@ -696,3 +748,231 @@ class Admin:
     def vms(self) -> list[VM]:
         """Every user's VMs."""
         return self._lab.vms.list(all_users=True)
+
+
+# -- labs ----------------------------------------------------------------------------------
+
+#: The columns of :meth:`LabInstance.check`, one row per check.
+CHECK_COLUMNS = ["check", "machine", "passed", "points", "score", "exit_code", "output"]
+#: The columns of :meth:`Deployment.grades`, one row per student.
+GRADE_COLUMNS = ["student", "lab_id", "score", "max_score", "grade"]
+
+
+def _template_body(template: Any) -> str | dict[str, Any]:
+    """A template's name, or its dict (from a dict, or an object with ``to_dict()``)."""
+    if isinstance(template, str):
+        return template
+    if hasattr(template, "to_dict"):
+        return template.to_dict()
+    return dict(template)
+
+
+def _check_frame(results: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Any:
+    """One row per check result, with the :data:`CHECK_COLUMNS` (and ``error`` if any)."""
+    import pandas as pd
+
+    extra = extra or {}
+    columns = [*extra, *CHECK_COLUMNS, "error"]
+    rows = [{**extra, **{c: r.get(c) for c in columns if c not in extra}} for r in results]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["passed"] = frame["passed"].astype(bool)
+    for column in ("points", "score"):
+        frame[column] = pd.to_numeric(frame[column]).astype(float)
+    return frame
+
+
+def _grade(score: float, max_score: float) -> float:
+    """A score in percent of the maximum, one decimal (0 when nothing could be earned)."""
+    return round(100.0 * score / max_score, 1) if max_score else 0.0
+
+
+class LabInstance:
+    """One lab: VMs of one owner made from a template, on private networks of their own.
+    Attributes mirror its JSON (``id``, ``name``, ``owner``, ``template``, ``status``,
+    ``networks``, ``deployment_id`` ...); :meth:`refresh` reads them again."""
+
+    def __init__(self, lab: Lab, data: dict[str, Any]) -> None:
+        self._lab = lab
+        self._data = data
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["_data"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __repr__(self) -> str:
+        return (
+            f"LabInstance(id={self.id}, name={self.name!r}, owner={self._data.get('owner')!r}, "
+            f"status={self.status!r})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The lab's JSON as last read."""
+        return dict(self._data)
+
+    def refresh(self) -> LabInstance:
+        """Read the lab again from the service."""
+        self._data = self._lab.request("GET", f"labs/{self.id}")
+        return self
+
+    @property
+    def vms(self) -> list[VM]:
+        """The lab's VMs (as last read), each a :class:`VM` with ``machine`` and
+        ``addresses`` (network name -> segment address)."""
+        return [VM(self._lab, data) for data in self._data.get("vms", [])]
+
+    def _act(self, action: str) -> LabInstance:
+        answer = self._lab.request("POST", f"labs/{self.id}/action", {"action": action})
+        if isinstance(answer, dict) and "status" in answer:
+            self._data = answer
+        elif action == "destroy":
+            self._data = {**self._data, "status": "destroyed"}
+        else:
+            self.refresh()
+        return self
+
+    def start(self) -> LabInstance:
+        """Start every VM of the lab."""
+        return self._act("start")
+
+    def stop(self) -> LabInstance:
+        """Stop every VM of the lab."""
+        return self._act("stop")
+
+    def destroy(self) -> LabInstance:
+        """Remove the lab: its VMs, their disks and its networks."""
+        return self._act("destroy")
+
+    def wait(self, status: str = "running", timeout: float = 300, poll: float = 0.5) -> LabInstance:
+        """Wait until the lab has ``status`` (``running``: every VM runs); raises
+        TimeoutError after ``timeout`` seconds, or TwargaAPIError if it goes to ``error``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh()
+            if self.status == status:
+                return self
+            if self.status == "error" and status != "error":
+                failed = [
+                    f"{vm.get('name')}: {vm.get('status_message') or vm.get('status')}"
+                    for vm in self._data.get("vms", [])
+                    if vm.get("status") == "error"
+                ]
+                raise TwargaAPIError(
+                    500, f"lab {self.name} failed ({'; '.join(failed)})", "lab_error"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"lab {self.name} is {self.status}, not {status}")
+            time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
+
+    def check(self) -> Any:
+        """Run the template's checks in the lab's VMs: a DataFrame, one row per check, with
+        ``check, machine, passed, points, score, exit_code, output`` (and ``error``); its
+        ``attrs`` hold the lab's ``score`` and ``max_score``."""
+        answer = self._lab.request("POST", f"labs/{self.id}/check")
+        frame = _check_frame(answer.get("results", []))
+        frame.attrs.update(
+            lab_id=answer.get("lab_id", self.id),
+            score=float(answer.get("score", frame["score"].sum())),
+            max_score=float(answer.get("max_score", frame["points"].sum())),
+        )
+        return frame
+
+
+class Deployment:
+    """A template handed to every member of a Hub group: each student owns a lab of it.
+    Attributes mirror its JSON (``id``, ``name``, ``template``, ``group`` ...); ``labs``
+    are the students' copies (the teacher sees all of them)."""
+
+    def __init__(self, lab: Lab, data: dict[str, Any]) -> None:
+        self._lab = lab
+        self._data = data
+        self._grades: list[dict[str, Any]] | None = None
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["_data"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __repr__(self) -> str:
+        return (
+            f"Deployment(id={self.id}, name={self.name!r}, group={self._data.get('group')!r}, "
+            f"labs={len(self._data.get('labs', []))})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The deployment's JSON as last read."""
+        return dict(self._data)
+
+    def refresh(self) -> Deployment:
+        """Read the deployment (and its labs) again."""
+        self._data = self._lab.request("GET", f"deployments/{self.id}")
+        return self
+
+    @property
+    def labs(self) -> list[LabInstance]:
+        """Every student's lab of this deployment (as last read)."""
+        return [LabInstance(self._lab, data) for data in self._data.get("labs", [])]
+
+    def wait(self, status: str = "running", timeout: float = 600, poll: float = 1.0) -> Deployment:
+        """Wait until every student's lab has ``status``; raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh()
+            labs = self._data.get("labs", [])
+            if labs and all(lab.get("status") == status for lab in labs):
+                return self
+            if time.monotonic() > deadline:
+                states = {lab.get("owner"): lab.get("status") for lab in labs}
+                raise TimeoutError(f"deployment {self.name}: not all {status}: {states}")
+            time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
+
+    def check(self) -> Any:
+        """Run the checks in every student's lab: a DataFrame, one row per (student, check)
+        with ``student, lab_id`` and the columns of :meth:`LabInstance.check`. Keeps each
+        student's total for :meth:`grades`."""
+        import pandas as pd
+
+        answer = self._lab.request("POST", f"deployments/{self.id}/check")
+        students = _student_entries(answer)
+        frames, grades = [], []
+        for entry in students:
+            results = entry.get("results") or []
+            score = float(entry.get("score", sum(r.get("score") or 0 for r in results)))
+            max_score = float(entry.get("max_score", sum(r.get("points") or 0 for r in results)))
+            student = entry.get("owner") or entry.get("student")
+            lab_id = entry.get("lab_id", entry.get("id"))
+            grades.append(
+                {
+                    "student": student,
+                    "lab_id": lab_id,
+                    "score": score,
+                    "max_score": max_score,
+                    "grade": _grade(score, max_score),
+                }
+            )
+            if results:
+                frames.append(_check_frame(results, {"student": student, "lab_id": lab_id}))
+        self._grades = grades
+        if frames:
+            return pd.concat(frames, ignore_index=True)
+        return _check_frame([], {"student": None, "lab_id": None})
+
+    def grades(self) -> Any:
+        """One row per student: ``student, lab_id, score, max_score, grade`` (percent of the
+        maximum), from the last :meth:`check` (run now if there was none), by student."""
+        import pandas as pd
+
+        if self._grades is None:
+            self.check()
+        frame = pd.DataFrame(self._grades, columns=GRADE_COLUMNS)
+        return frame.sort_values("student", ignore_index=True)
+
+
+def _student_entries(answer: Any) -> list[dict[str, Any]]:
+    """The per-student entries of ``POST /deployments/{id}/check``: its ``labs``, each
+    ``lab_id, lab, owner, results, score, max_score``."""
+    if isinstance(answer, list):
+        return answer
+    return list(answer.get("labs") or [])
