@@ -11,7 +11,14 @@ import nbformat
 from twarga_lab.notebooks import install_notebooks, notebook_templates
 
 REPO = Path(__file__).resolve().parents[2]
-NAMES = {"Dashboard.ipynb", "Monitor.ipynb", "SOC.ipynb", "Admin.ipynb", "Python-API.ipynb"}
+NAMES = {
+    "Dashboard.ipynb",
+    "Monitor.ipynb",
+    "SOC.ipynb",
+    "Admin.ipynb",
+    "Python-API.ipynb",
+    "Grading.ipynb",
+}
 FIRST_CELL = "from twarga_lab.client import Lab\n\nlab = Lab()"
 
 
