@@ -6,6 +6,8 @@ into machine instances; ``templates/`` holds the templates shipped with Twarga L
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from twarga_lab.labs.template import (
     TEMPLATE_SCHEMA,
     TEMPLATE_SCHEMA_ID,
@@ -30,8 +32,6 @@ __all__ = [
     "load_schema",
     "parse_template",
 ]
-
-from pathlib import Path
 
 #: The folder of the templates shipped with the package (attack-defend, web-db).
 SHIPPED_TEMPLATES = Path(__file__).parent / "templates"

@@ -329,7 +329,12 @@ def _schema_error(error: Any) -> ValidationFailed:
         return ValidationFailed(f"{place}needs '{missing}'", field_path, INVALID)
     if kind == "additionalProperties":
         allowed = set(error.schema.get("properties", {}))
-        extra = sorted(str(k) for k in value if k not in allowed)
+        patterns = [re.compile(p) for p in error.schema.get("patternProperties", {})]
+        extra = sorted(
+            str(k)
+            for k in value
+            if k not in allowed and not (isinstance(k, str) and any(p.search(k) for p in patterns))
+        )
         name = extra[0] if extra else "?"
         place = f"{where}" if where else "the template"
         return ValidationFailed(
@@ -339,6 +344,7 @@ def _schema_error(error: Any) -> ValidationFailed:
         )
     where = where or "template"
     key = parts[-1] if parts and isinstance(parts[-1], str) else ""
+    reason = INVALID
     if kind == "const":
         message = f"{where} must be '{error.validator_value}', not {value!r}"
     elif kind == "type":
@@ -347,6 +353,8 @@ def _schema_error(error: Any) -> ValidationFailed:
         article = "an" if str(wanted)[:1] in "aeiou" else "a"
         message = f"{where} must be {article} {wanted}, not {_kind_of(value)}"
     elif kind == "pattern":
+        if key in ("address", "cidr"):
+            reason = BAD_ADDRESS
         hint = _HINTS.get(str(key))
         if key == "name" and len(parts) == 1:
             hint = f"{_HINTS['name']}, at most 31 characters"
@@ -374,7 +382,7 @@ def _schema_error(error: Any) -> ValidationFailed:
         message = f"{where} must be {bound} {error.validator_value} characters long"
     else:
         message = f"{where}: {error.message}"
-    return ValidationFailed(message, where, INVALID)
+    return ValidationFailed(message, where, reason)
 
 
 def _kind_of(value: Any) -> str:
@@ -401,6 +409,8 @@ class _Loader(yaml.SafeLoader):
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # "<<: *anchor": its keys may be overridden here
         key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
         try:
             duplicate = key in seen

@@ -178,6 +178,25 @@ def test_to_dict_round_trips() -> None:
     ]  # fmt: skip
 
 
+def test_yaml_anchors_and_merge_keys_may_share_settings() -> None:
+    text = """\
+schema: twarga-lab-template/v1
+name: shared
+x-tiny: &tiny {image: twarga/tiny, ram: 128, networks: [{network: lan}]}
+networks: [{name: lan, cidr: 192.168.5.0/24}]
+machines:
+  - {<<: *tiny, name: one}
+  - {<<: *tiny, name: two, ram: 256}
+"""
+    t = parse_template(text)
+    assert [(m.name, m.image, m.ram) for m in t.machines] == [
+        ("one", "twarga/tiny", 128),
+        ("two", "twarga/tiny", 256),
+    ]
+    assert "x-tiny" in t.source and "x-tiny" not in t.to_dict()
+    assert parse_template(t.to_dict()) == t
+
+
 def test_the_source_is_a_copy_of_what_was_given() -> None:
     data = copy.deepcopy(PAIR)
     template = parse_template(data)
@@ -288,8 +307,12 @@ def test_a_small_network_gives_low_addresses_when_10_is_outside_it() -> None:
          "at most 4096 characters"),
         (lambda t: t["checks"][0].update(timeout=0), "checks[0].timeout", "invalid_template",
          "more than 0"),
-        (lambda t: t["networks"][0].update(cidr="lan"), "networks[0].cidr", "invalid_template",
+        (lambda t: t["networks"][0].update(cidr="lan"), "networks[0].cidr", "bad_address",
          "like 10.77.0.0/24"),
+        (lambda t: t["machines"][1]["networks"][0].update(address="10.77.0.20/24"),
+         "machines[1].networks[0].address", "bad_address", "like 10.77.0.11"),
+        (lambda t: t.update({"x-ok": 1, "y-not": 2}), "y-not", "invalid_template",
+         "unknown key 'y-not'"),
         (lambda t: t.update(name="pair\n"), "name", "invalid_template", "is not valid"),
         (lambda t: t["machines"][0].update(name="web\n"), "machines[0].name", "invalid_template",
          "is not valid"),
