@@ -31,6 +31,7 @@ from twarga_lab.services import Identity
 from twarga_lab.services.consoles import ConsoleService, VMConsoleManager
 from twarga_lab.services.credits import CreditMeter, CreditService
 from twarga_lab.services.hubusers import HubUserDirectory
+from twarga_lab.services.idle import IdleStopper
 from twarga_lab.services.metrics import MetricsService
 from twarga_lab.services.metrics.service import default_scrape_token
 from twarga_lab.services.snapshots import SnapshotService
@@ -137,6 +138,7 @@ class Services:
     snapshots: SnapshotService
 
     hub_users: HubUserDirectory | None = None  # service mode under a Hub only
+    idle: IdleStopper | None = None  # stops VMs nobody uses (idle_stop_after)
 
     async def identify(self, user: Any) -> Identity:
         """The Twarga identity of a Jupyter ``current_user``.
@@ -287,6 +289,13 @@ class TwargaLabApp(ExtensionApp):
     console_idle_timeout = alias("console_idle_timeout")
     max_snapshots_per_vm = alias("max_snapshots_per_vm")
 
+    idle_stop_after = Int(
+        0,
+        help="""Seconds a running VM may go without console input, an SSH session and CPU
+        above ``IdleStopper.idle_cpu_percent`` before it is stopped, with an
+        ``idle_stopped`` event (its credits stop running). 0: never.""",
+    ).tag(config=True)
+
     max_body_bytes = Int(
         64 * 1024,
         help="""Largest request body (bytes) the Twarga API decodes; larger ones answer 413
@@ -345,6 +354,7 @@ class TwargaLabApp(ExtensionApp):
         ConsoleService,
         VMConsoleManager,
         SnapshotService,
+        IdleStopper,
     ]
 
     services: Services | None = None
@@ -474,6 +484,7 @@ class TwargaLabApp(ExtensionApp):
             syslog=syslog,
             consoles=ConsoleService(db, vms, self.libvirt_uri, parent=self),
             snapshots=SnapshotService(db, backend, vms, parent=self),
+            idle=IdleStopper(db, vms, metrics, parent=self),
         )
 
     def initialize_settings(self) -> None:
@@ -515,6 +526,8 @@ class TwargaLabApp(ExtensionApp):
             await self.services.vms.start_up()
             await self.services.syslog.start()
             self.services.meter.start()
+            if self.services.idle is not None:
+                self.services.idle.start()
             self.settings["twarga_lab_consoles"].start_culler()
             self.services.metrics.start()
 
@@ -522,6 +535,8 @@ class TwargaLabApp(ExtensionApp):
         if self.services is None:
             return
         await self.services.meter.stop()
+        if self.services.idle is not None:
+            await self.services.idle.stop()
         await self.settings["twarga_lab_consoles"].shutdown()
         await self.services.metrics.stop()
         await self.services.syslog.stop()

@@ -167,6 +167,8 @@ class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocke
             return
         if kind == "stdin" and len(command) > 1 and isinstance(command[1], str):
             self.consoles.touch(session)
+            if self.services.idle is not None and self.target is not None:
+                self.services.idle.note_activity(self.target.vm_id)  # not idle: no idle stop
             text, escape, _ = command[1].partition(ESCAPE)
             session.write(text)
             if escape:

@@ -6,12 +6,14 @@ Read-only: nothing here changes a row.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, object_session
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, Event, User, VMStatus, utcnow
@@ -25,6 +27,29 @@ def uptime_seconds(vm: VM, now: datetime) -> int:
     if vm.status is not VMStatus.running or vm.started_at is None:
         return 0
     return max(0, int((now - vm.started_at).total_seconds()))
+
+
+# When a running VM will be stopped for idleness, per database: the idle stopper
+# (:mod:`twarga_lab.services.idle`) registers itself, weakly (a dropped one goes away).
+_idle_deadlines: weakref.WeakKeyDictionary[Engine, weakref.WeakMethod[Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def register_idle_deadline(engine: Engine, deadline: Callable[[VM], datetime | None]) -> None:
+    """``deadline(vm)`` (a bound method) answers ``idle_stop_at`` for VMs of ``engine``."""
+    _idle_deadlines[engine] = weakref.WeakMethod(deadline)  # type: ignore[arg-type]
+
+
+def idle_stop_at(vm: VM) -> str | None:
+    """When ``vm`` will be stopped for idleness (ISO), None when idle stop is off or it
+    does not run."""
+    session = object_session(vm)
+    engine = session.get_bind() if session is not None else None
+    ref = _idle_deadlines.get(engine) if isinstance(engine, Engine) else None
+    deadline = ref() if ref is not None else None
+    at = deadline(vm) if deadline is not None else None
+    return at.isoformat() if at is not None else None
 
 
 def vm_to_json(
@@ -54,6 +79,7 @@ def vm_to_json(
         "started_at": vm.started_at.isoformat() if vm.started_at else None,
         "uptime": uptime_seconds(vm, now),
         "ready": vm.status is VMStatus.running if ready is None else ready,
+        "idle_stop_at": idle_stop_at(vm),
     }
 
 
