@@ -14,7 +14,7 @@ APT_PACKAGES := \
 	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3.11 python3-dev \
 	qemu-system-x86 qemu-utils busybox-static linux-image-cloud-amd64 dropbear-bin \
 	cpio genisoimage openssh-client sshpass procps curl chromium fail2ban postgresql \
-	mmdebstrap e2fsprogs
+	mmdebstrap e2fsprogs vde2
 PYTEST_ARGS ?=
 
 STATE_DIR   ?= $(CURDIR)/vms/private

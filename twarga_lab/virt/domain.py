@@ -23,6 +23,13 @@ DISK_TARGET_RE = re.compile(r"^(vd|sd|hd)[a-z]$")
 CHANNEL_NAME_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 #: The virtio-serial port the tiny image's syslogd writes into (see ``virt.tinyimage``).
 SYSLOG_CHANNEL = "org.twarga.syslog.0"
+#: The virtio-serial port the tiny image reads ``ban ADDR``/``unban ADDR`` lines from
+#: (host -> guest; see ``virt.guest_control``).
+CONTROL_CHANNEL = "org.twarga.control.0"
+MAC_RE = re.compile(r"52:54:00(:[0-9a-f]{2}){3}")
+#: The MAC QEMU gives the user-network NIC (the first NIC without an explicit MAC; segment
+#: NICs always have one, never this one).
+USER_NET_MAC = "52:54:00:12:34:56"
 DOMAIN_TYPES = ("qemu", "kvm", "test")
 
 ET.register_namespace("qemu", QEMU_NS)
@@ -94,6 +101,51 @@ class UserNetSpec:
 
 
 @dataclass(frozen=True)
+class SegmentNICSpec:
+    """A NIC on a lab's private segment: QEMU's ``vde`` netdev plugged into the switch
+    whose socket folder is ``switch`` (``virt.switch``); no host tap, no bridge."""
+
+    switch: Path
+    mac: str
+    pci_slot: int
+
+    def __post_init__(self) -> None:
+        text = str(self.switch)
+        # A comma would start another QEMU option; the folder is one argv word's value.
+        if not Path(self.switch).is_absolute() or any(c in text for c in ",\x00\n\r"):
+            raise ValueError(f"bad switch socket folder {text!r}")
+        if (
+            not isinstance(self.mac, str)
+            or not MAC_RE.fullmatch(self.mac)
+            or (self.mac == USER_NET_MAC)
+        ):
+            raise ValueError(f"bad MAC address {self.mac!r} (52:54:00:xx:xx:xx, lower case)")
+        if not isinstance(self.pci_slot, int) or not 3 <= self.pci_slot <= 31:
+            raise ValueError(f"bad PCI slot {self.pci_slot!r}")
+
+    def qemu_args(self, index: int) -> list[str]:
+        """The QEMU arguments for this NIC (netdev ``twargaseg{index}``), one argv word each."""
+        netdev = f"twargaseg{index}"
+        return [
+            "-netdev", f"vde,id={netdev},sock={self.switch}",
+            "-device",
+            f"virtio-net-pci,netdev={netdev},mac={self.mac},bus=pci.0,addr={self.pci_slot:#x}",
+        ]  # fmt: skip
+
+
+def segment_nics(switches: list[Path] | tuple[Path, ...], macs: list[str] | tuple[str, ...],
+                 first_slot: int = 10) -> tuple[SegmentNICSpec, ...]:  # fmt: skip
+    """Segment NICs for ``switches`` with ``macs``, in PCI slots from ``first_slot`` on
+    (after the user-network NIC's slot 9)."""
+    if len(switches) != len(macs):
+        raise ValueError("one MAC address per segment")
+    return tuple(
+        SegmentNICSpec(Path(sw), mac, first_slot + i)
+        for i, (sw, mac) in enumerate(zip(switches, macs, strict=True))
+    )
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """Everything libvirt needs to define one guest."""
 
@@ -109,6 +161,7 @@ class DomainSpec:
     console_log: Path | None = None
     network: UserNetSpec | None = None
     channels: tuple[ChannelSpec, ...] = ()
+    segments: tuple[SegmentNICSpec, ...] = ()
     owner: str | None = None
     vm_id: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
@@ -130,6 +183,14 @@ class DomainSpec:
         targets = [d.target for d in self.disks]
         if len(set(targets)) != len(targets):
             raise ValueError("two disks share a target")
+        slots = [s.pci_slot for s in self.segments]
+        if self.network is not None:
+            slots.append(self.network.pci_slot)
+        if len(set(slots)) != len(slots) or 2 in slots:
+            raise ValueError("two NICs share a PCI slot (or take the balloon's slot 2)")
+        macs = [s.mac for s in self.segments]
+        if len(set(macs)) != len(macs):
+            raise ValueError("two segment NICs share a MAC address")
 
     def kernel_cmdline(self) -> str:
         """The kernel command line, ``key=value`` words joined by spaces."""
@@ -204,9 +265,12 @@ def build_domain_element(spec: DomainSpec) -> ET.Element:
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
 
-    if spec.network is not None:
+    args: list[str] = spec.network.qemu_args() if spec.network is not None else []
+    for index, nic in enumerate(spec.segments):
+        args += nic.qemu_args(index)
+    if args:
         commandline = _sub(domain, f"{{{QEMU_NS}}}commandline")
-        for arg in spec.network.qemu_args():
+        for arg in args:
             _sub(commandline, f"{{{QEMU_NS}}}arg", value=arg)
     return domain
 

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -235,12 +236,34 @@ def build_seed_iso(
     user: str = "twarga",
     password_hash: str | None = None,
     syslog_channel: str | None = None,
+    segments: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """A cloud-init NoCloud seed (ISO 9660 labelled ``cidata``) with the user's SSH keys.
 
     ``password_hash`` (a ``$6$`` crypt hash, never the password) lets ``user`` log in with
     the password too; ``syslog_channel`` names the virtio-serial port rsyslog forwards the
-    auth log into."""
+    auth log into. ``segments`` (``(mac, "ADDRESS/PREFIX")`` pairs, one per lab segment
+    NIC) add a network-config (v2): the user-network NIC keeps DHCP, each segment NIC,
+    matched by its MAC, gets its static address and no gateway."""
+    from twarga_lab.virt.domain import USER_NET_MAC
+    from twarga_lab.virt.seed import segment_address
+
+    network_config: dict[str, object] | None = None
+    if segments:
+        ethernets: dict[str, object] = {
+            "usernet": {"match": {"macaddress": USER_NET_MAC}, "dhcp4": True}
+        }
+        for index, (mac, address) in enumerate(segments):
+            mac, address = segment_address(mac, address)
+            if mac == USER_NET_MAC:
+                raise ValueError(f"{mac} is the user network NIC's MAC address")
+            ethernets[f"twargaseg{index}"] = {
+                "match": {"macaddress": mac},
+                "dhcp4": False,
+                "dhcp6": False,
+                "addresses": [address],
+            }
+        network_config = {"version": 2, "ethernets": ethernets}
     account: dict[str, object] = {
         "name": user,
         "sudo": "ALL=(ALL) NOPASSWD:ALL",
@@ -271,6 +294,10 @@ def build_seed_iso(
         # JSON is valid YAML; building it from objects keeps keys from injecting directives.
         (staging / "user-data").write_text("#cloud-config\n" + json.dumps(user_data, indent=1))
         (staging / "meta-data").write_text(json.dumps(meta_data))
+        files = [staging / "user-data", staging / "meta-data"]
+        if network_config is not None:
+            (staging / "network-config").write_text(json.dumps(network_config, indent=1))
+            files.append(staging / "network-config")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tool = shutil.which("genisoimage") or shutil.which("mkisofs")
         if tool is None:
@@ -286,8 +313,7 @@ def build_seed_iso(
                 "cidata",
                 "-joliet",
                 "-rock",
-                str(staging / "user-data"),
-                str(staging / "meta-data"),
+                *(str(f) for f in files),
             ],
             check=True,
             capture_output=True,

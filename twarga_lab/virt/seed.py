@@ -12,7 +12,10 @@ secrets never go there. Instead each VM gets a read-only ISO 9660 disk (``vdb``)
     on the disk;
 ``dropbear_ed25519_host_key``
     the guest's SSH host key, made on the host so its public half can be published to the
-    owner (who then knows which server a port really leads to).
+    owner (who then knows which server a port really leads to);
+``network``
+    one line ``MAC ADDRESS/PREFIX`` per lab segment NIC (``52:54:00:0a:4d:0b
+    10.77.0.11/24``): /init gives the interface with that MAC that address (no gateway).
 
 The seed file is readable by root only; libvirt hands it to QEMU's user when the VM starts.
 """
@@ -21,18 +24,24 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import os
+import re
 import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from twarga_lab.errors import BackendError
+from twarga_lab.virt.domain import USER_NET_MAC
 
 SEED_LABEL = "TWARGASEED"
 MARKER_FILE = "twarga-seed"
 HOST_KEY_FILE = "dropbear_ed25519_host_key"
+NETWORK_FILE = "network"
+_MAC_RE = re.compile(r"52:54:00(:[0-9a-f]{2}){3}")
 _CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # The byte order of SHA-512 crypt's final encoding (Drepper's specification).
 _SHA512_ORDER = (
@@ -118,14 +127,42 @@ def key_fingerprint(public_key: str) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
+def segment_address(mac: str, address: str) -> tuple[str, str]:
+    """``(mac, "A.B.C.D/PREFIX")`` checked: a ``52:54:00:xx:xx:xx`` MAC (lower case) and a
+    host address of an IPv4 network (/8../30), not its network or broadcast address."""
+    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac) or mac == USER_NET_MAC:
+        raise ValueError(f"bad segment MAC address {mac!r}")
+    try:
+        iface = ipaddress.IPv4Interface(address)
+    except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError) as e:
+        raise ValueError(f"bad segment address {address!r}") from e
+    if "/" not in str(address) or not 8 <= iface.network.prefixlen <= 30:
+        raise ValueError(f"bad segment address {address!r}: A.B.C.D/8..30")
+    if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
+        raise ValueError(f"{address!r} is its network's network or broadcast address")
+    return mac, f"{iface.ip}/{iface.network.prefixlen}"
+
+
+def network_file(segments: Sequence[tuple[str, str]]) -> str:
+    """The seed's ``network`` file: ``MAC ADDRESS/PREFIX`` lines, each value checked."""
+    lines = [segment_address(mac, address) for mac, address in segments]
+    if len({mac for mac, _ in lines}) != len(lines):
+        raise ValueError("two segment NICs share a MAC address")
+    return "".join(f"{mac} {address}\n" for mac, address in lines)
+
+
 def build_tiny_seed(
     dest: Path,
     *,
     authorized_keys: list[str],
     root_password_hash: str | None,
     host_key: Path | None = None,
+    segments: Sequence[tuple[str, str]] = (),
 ) -> Path:
-    """Write the seed ISO for a tiny-image VM to ``dest`` (mode 0600, replaced atomically)."""
+    """Write the seed ISO for a tiny-image VM to ``dest`` (mode 0600, replaced atomically).
+
+    ``segments`` are ``(mac, "ADDRESS/PREFIX")`` pairs, one per lab segment NIC."""
+    network = network_file(segments) if segments else None
     tool = shutil.which("genisoimage") or shutil.which("mkisofs")
     if tool is None:
         raise BackendError("genisoimage is missing: install Debian's genisoimage")
@@ -141,6 +178,8 @@ def build_tiny_seed(
             (staging / "root-password.hash").write_text(root_password_hash + "\n")
         if host_key is not None:
             shutil.copyfile(host_key, staging / HOST_KEY_FILE)
+        if network is not None:
+            (staging / NETWORK_FILE).write_text(network)
         partial = dest.with_name(f".{dest.name}.tmp")
         try:
             subprocess.run(

@@ -15,6 +15,11 @@ What the guest does is driven by the kernel command line:
 ``twarga.syslog=HOST:PORT``
     forward syslog over UDP (under QEMU user networking the host's loopback is 10.0.2.2).
 
+A seed ``network`` file (``MAC ADDRESS/PREFIX`` lines) gives lab segment NICs their
+addresses; a virtio-serial port ``org.twarga.control.0`` feeds ``twarga-guard``, which
+bans (``ip rule ... prohibit``) the addresses the host names. ``dbclient`` (dropbear's
+client) lets one lab VM SSH to another (``DROPBEAR_PASSWORD=... dbclient -y``).
+
 Secrets never travel on the command line (readable in ``/proc/cmdline`` and the domain XML):
 a per-VM seed, an ISO 9660 disk with a ``twarga-seed`` marker (``twarga_lab.virt.seed``), is
 mounted read-only at boot; its ``authorized_keys`` becomes root's and its
@@ -49,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "GUARD_SCRIPT",
     "IMAGE_NAME",
     "INIT_SCRIPT",
     "MODULE_LOAD_ORDER",
@@ -136,6 +142,12 @@ done
 printf '%s\n' "$name" | grep -Eqx '[a-z][a-z0-9-]{0,62}' || name=twarga
 printf '%s\n' "$syslog" | grep -Eqx '[A-Za-z0-9.:-]+' || syslog=
 
+# A dotted IPv4 address, each part 0..255 without leading zeros.
+twarga_is_ipv4() {
+    printf '%s\n' "$1" | grep -Eqx \
+        '(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}'
+}
+
 hostname "$name"
 printf '%s\n' "$name" >/etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$name" >/etc/hosts
@@ -197,6 +209,8 @@ for disk in /dev/vd[b-z]; do
             sed -i "s|^root:[^:]*:|root:$hash:|" /etc/passwd
         fi
         unset hash
+        # Lab segment NICs ("MAC ADDRESS/PREFIX" lines), applied once the NICs are up.
+        [ -f /run/seed/network ] && cp /run/seed/network /run/twarga-network
         # The host key the service made (and publishes to the owner): dropbear uses it.
         if [ -f /run/seed/dropbear_ed25519_host_key ]; then
             mkdir -p /etc/dropbear
@@ -214,6 +228,43 @@ ifconfig lo 127.0.0.1 netmask 255.0.0.0 up
 if [ -e /sys/class/net/eth0 ]; then
     ip link set eth0 up
     udhcpc -i eth0 -q -n -t 5 -S -s /usr/share/udhcpc/default.script >/dev/null 2>&1 &
+fi
+
+# Lab segments: each seed line gives the interface with that MAC its address (no gateway).
+# Every value is checked before use; a line that does not fit is skipped.
+if [ -f /run/twarga-network ]; then
+    while read -r mac addr rest; do
+        [ -z "$rest" ] || continue
+        printf '%s\n' "$mac" | grep -Eqx '52:54:00(:[0-9a-f]{2}){3}' || continue
+        twarga_is_ipv4 "${addr%/*}" || continue
+        printf '%s\n' "${addr#*/}" | grep -Eqx '[89]|[12][0-9]|30' || continue
+        set +f
+        for dev in /sys/class/net/*; do
+            [ "$(cat "$dev/address" 2>/dev/null)" = "$mac" ] || continue
+            ifname="${dev##*/}"
+            ip link set "$ifname" up && ip addr add "$addr" dev "$ifname" &&
+                echo "twarga: $ifname $mac $addr"
+            # A banned peer's packets (twarga-guard) are refused with an ICMP "prohibited",
+            # which only a forwarding interface sends: TCP then fails at once instead of
+            # timing out. Nothing is forwarded for real: what the segment sends that is not
+            # for this guest is dropped.
+            ip rule add pref 200 iif "$ifname" type blackhole &&
+                echo 1 >"/proc/sys/net/ipv4/conf/$ifname/forwarding"
+        done
+        set -f
+    done </run/twarga-network
+fi
+
+# The host pushes ban/unban lines into this port; twarga-guard applies them.
+control_port=
+set +f
+for port in /sys/class/virtio-ports/*; do
+    [ -r "$port/name" ] && [ "$(cat "$port/name")" = org.twarga.control.0 ] &&
+        control_port="/dev/${port##*/}"
+done
+set -f
+if [ -n "$control_port" ] && [ -c "$control_port" ]; then
+    setsid /usr/sbin/twarga-guard "$control_port" </dev/null >/dev/null 2>&1 &
 fi
 
 # Graceful shutdown: the ACPI power button (button + evdev modules) runs
@@ -242,6 +293,52 @@ cd /root
 while :; do
     setsid -c sh -l <"$CONSOLE" >"$CONSOLE" 2>&1
     sleep 1
+done
+"""
+
+#: The control-port loop (``/usr/sbin/twarga-guard PORT``), started by /init when the
+#: domain has the virtio-serial port ``org.twarga.control.0``. The host writes
+#: ``ban ADDR`` / ``unban ADDR`` lines (``virt.guest_control``); a banned address is refused
+#: by a ``prohibit`` policy rule (everything from it: TCP gets "no route to host" at once),
+#: and each change is logged to syslog, which the host reads on the syslog channel, and
+#: acknowledged on the port itself (``ok ban ADDR``).
+GUARD_SCRIPT = r"""#!/bin/sh
+# twarga-guard of the Twarga Lab tiny image, written by twarga_lab.virt.tinyimage.
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+set -f
+port="$1"
+[ -c "$port" ] || exit 1
+is_ipv4() {
+    printf '%s\n' "$1" | grep -Eqx \
+        '(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}'
+}
+# The kernel's "local" rule (priority 0) would deliver a banned peer's packets before any
+# other rule is read: move it to 100, so the ban rules (priority 10) come first.
+if ip rule add pref 100 table local; then
+    ip rule del pref 0 table local
+fi
+while :; do
+    # A read returns EOF at once while the host end is closed: wait a little, open again.
+    # The port opens once only: read and answer on the same descriptor.
+    while read -r verb addr rest <&3; do
+        [ -z "$rest" ] || continue
+        is_ipv4 "$addr" || continue
+        case "$verb" in
+            ban)
+                # At most one rule per address: a second ban replaces the first.
+                while ip rule del from "$addr" type prohibit 2>/dev/null; do :; done
+                ip rule add pref 10 from "$addr" type prohibit || continue
+                logger -t twarga-guard -p auth.notice "banned $addr"
+                ;;
+            unban)
+                while ip rule del from "$addr" type prohibit 2>/dev/null; do :; done
+                logger -t twarga-guard -p auth.notice "unbanned $addr"
+                ;;
+            *) continue ;;
+        esac
+        printf 'ok %s %s\n' "$verb" "$addr" >&3
+    done 3<>"$port"
+    usleep 200000
 done
 """
 
@@ -420,11 +517,13 @@ def build_tiny_image(
             "cpio is not installed: install the Debian package cpio", package=CPIO_PACKAGE
         )
     dropbear = Path("/usr/sbin/dropbear")
-    if with_dropbear and not dropbear.is_file():
-        raise ImageBuildError(
-            f"{dropbear} is missing: install the Debian package {DROPBEAR_PACKAGE}",
-            package=DROPBEAR_PACKAGE,
-        )
+    dbclient = Path("/usr/bin/dbclient")  # dropbear's client: one lab VM SSHes to another
+    for program in (dropbear, dbclient) if with_dropbear else ():
+        if not program.is_file():
+            raise ImageBuildError(
+                f"{program} is missing: install the Debian package {DROPBEAR_PACKAGE}",
+                package=DROPBEAR_PACKAGE,
+            )
 
     dest_dir.mkdir(parents=True, exist_ok=True)
     # An old manifest must not vouch for files that are about to be replaced.
@@ -436,6 +535,7 @@ def build_tiny_image(
         _populate_root(root, busybox=busybox, modules_dir=modules_dir, version=version)
         if with_dropbear:
             _install_dropbear(root, dropbear)
+            _install_dropbear(root, dbclient)
         archive = _pack_cpio(root, cpio)
 
     kernel = dest_dir / KERNEL_FILE
@@ -521,6 +621,7 @@ def _populate_root(root: Path, *, busybox: Path, modules_dir: Path, version: str
 
     _write_text(root / "init", INIT_SCRIPT, 0o755)
     _write_text(root / "usr/share/udhcpc/default.script", _UDHCPC_SCRIPT, 0o755)
+    _write_text(root / "usr/sbin/twarga-guard", GUARD_SCRIPT, 0o755)
     (root / "etc/udhcpc/default.script").symlink_to("/usr/share/udhcpc/default.script")
     _write_text(root / "etc/acpi/PWRF/00000080", _ACPI_POWER_SCRIPT, 0o755)
     _write_text(root / "etc/acpid.conf", _ACPID_CONF)
@@ -670,7 +771,8 @@ def _shared_libraries(program: Path) -> list[Path]:
 
 
 def _install_dropbear(root: Path, dropbear: Path) -> None:
-    """Copy dropbear and every library ``ldd`` lists (with the loader) at the same paths."""
+    """Copy dropbear (or its client) and every library ``ldd`` lists (with the loader) at
+    the same paths."""
     for path in [dropbear, *_shared_libraries(dropbear)]:
         out = root / str(path).lstrip("/")
         out.parent.mkdir(parents=True, exist_ok=True)
