@@ -244,26 +244,12 @@ def build_seed_iso(
     the password too; ``syslog_channel`` names the virtio-serial port rsyslog forwards the
     auth log into. ``segments`` (``(mac, "ADDRESS/PREFIX")`` pairs, one per lab segment
     NIC) add a network-config (v2): the user-network NIC keeps DHCP, each segment NIC,
-    matched by its MAC, gets its static address and no gateway."""
-    from twarga_lab.virt.domain import USER_NET_MAC
-    from twarga_lab.virt.seed import segment_address
+    matched by its MAC, gets its static address and no gateway. Images whose cloud.cfg
+    turns cloud-init's network step off (``debian/12`` keeps ifupdown's DHCP on eth0) get
+    the same addresses from a ``bootcmd`` run at every boot."""
+    from twarga_lab.virt.seed import cloud_network_config, cloud_segment_bootcmd
 
-    network_config: dict[str, object] | None = None
-    if segments:
-        ethernets: dict[str, object] = {
-            "usernet": {"match": {"macaddress": USER_NET_MAC}, "dhcp4": True}
-        }
-        for index, (mac, address) in enumerate(segments):
-            mac, address = segment_address(mac, address)
-            if mac == USER_NET_MAC:
-                raise ValueError(f"{mac} is the user network NIC's MAC address")
-            ethernets[f"twargaseg{index}"] = {
-                "match": {"macaddress": mac},
-                "dhcp4": False,
-                "dhcp6": False,
-                "addresses": [address],
-            }
-        network_config = {"version": 2, "ethernets": ethernets}
+    network_config = cloud_network_config(segments) if segments else None
     account: dict[str, object] = {
         "name": user,
         "sudo": "ALL=(ALL) NOPASSWD:ALL",
@@ -278,6 +264,8 @@ def build_seed_iso(
         "users": [account],
         "ssh_pwauth": bool(password_hash),
     }
+    if segments:
+        user_data["bootcmd"] = cloud_segment_bootcmd(segments)
     if syslog_channel:
         user_data["write_files"] = [
             {

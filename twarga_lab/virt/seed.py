@@ -143,12 +143,56 @@ def segment_address(mac: str, address: str) -> tuple[str, str]:
     return mac, f"{iface.ip}/{iface.network.prefixlen}"
 
 
-def network_file(segments: Sequence[tuple[str, str]]) -> str:
-    """The seed's ``network`` file: ``MAC ADDRESS/PREFIX`` lines, each value checked."""
+def network_lines(segments: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``segments`` with every MAC and address checked (:func:`segment_address`), no MAC
+    twice."""
     lines = [segment_address(mac, address) for mac, address in segments]
     if len({mac for mac, _ in lines}) != len(lines):
         raise ValueError("two segment NICs share a MAC address")
-    return "".join(f"{mac} {address}\n" for mac, address in lines)
+    return lines
+
+
+def network_file(segments: Sequence[tuple[str, str]]) -> str:
+    """The seed's ``network`` file: ``MAC ADDRESS/PREFIX`` lines, each value checked."""
+    return "".join(f"{mac} {address}\n" for mac, address in network_lines(segments))
+
+
+#: Gives each lab segment NIC (found by its MAC) its address in a cloud-init guest:
+#: ``sh -c SCRIPT NAME MAC ADDRESS [MAC ADDRESS ...]``, at every boot.
+SEGMENT_BOOTCMD = r"""
+while [ "$#" -ge 2 ]; do
+    mac="$1"; addr="$2"; shift 2
+    for dev in /sys/class/net/*; do
+        [ "$(cat "$dev/address" 2>/dev/null)" = "$mac" ] || continue
+        ip link set dev "${dev##*/}" up
+        ip addr replace "$addr" dev "${dev##*/}"
+    done
+done
+"""
+
+
+def cloud_network_config(segments: Sequence[tuple[str, str]]) -> dict[str, object]:
+    """cloud-init network-config v2: DHCP on the user-network NIC (by its MAC), each
+    segment NIC (by its MAC) its static address, no gateway."""
+    ethernets: dict[str, object] = {
+        "usernet": {"match": {"macaddress": USER_NET_MAC}, "dhcp4": True}
+    }
+    for index, (mac, address) in enumerate(network_lines(segments)):
+        ethernets[f"twargaseg{index}"] = {
+            "match": {"macaddress": mac},
+            "dhcp4": False,
+            "dhcp6": False,
+            "addresses": [address],
+        }
+    return {"version": 2, "ethernets": ethernets}
+
+
+def cloud_segment_bootcmd(segments: Sequence[tuple[str, str]]) -> list[list[str]]:
+    """cloud-init ``bootcmd`` setting the segment addresses at every boot, for images whose
+    cloud.cfg turns cloud-init's network step off. The checked values are the script's
+    arguments, never spliced into its text."""
+    words = [value for pair in network_lines(segments) for value in pair]
+    return [["sh", "-c", SEGMENT_BOOTCMD, "twarga-segments", *words]]
 
 
 def build_tiny_seed(

@@ -30,7 +30,7 @@ from twarga_lab.virt.domain import (
 )
 from twarga_lab.virt.guest_control import ControlTimeout, send_control_line
 from twarga_lab.virt.images import build_seed_iso
-from twarga_lab.virt.seed import build_tiny_seed, network_file
+from twarga_lab.virt.seed import SEGMENT_BOOTCMD, build_tiny_seed, network_file
 from twarga_lab.virt.switch import start_switch, stop_switch, switch_pid, switch_running
 from twarga_lab.virt.tinyimage import GUARD_SCRIPT, INIT_SCRIPT
 
@@ -186,8 +186,15 @@ def test_debian_seed_keeps_dhcp_on_the_user_network_and_sets_segment_addresses(t
         },
     }
     assert "gateway4" not in json.dumps(config) and "routes" not in json.dumps(config)
+    # debian/12 turns cloud-init's network step off: a bootcmd sets the same address at
+    # every boot, the values as arguments of a constant script.
+    user_data = json.loads(iso_file(seed, "user-data").removeprefix("#cloud-config\n"))
+    assert user_data["bootcmd"] == [
+        ["sh", "-c", SEGMENT_BOOTCMD, "twarga-segments", "52:54:00:0a:00:0c", "10.77.0.12/24"]
+    ]
     plain = build_seed_iso(tmp_path / "plain.iso", instance_id="i-2", hostname="web", ssh_keys=[])
     assert "/network-config" not in iso_names(plain)
+    assert "bootcmd" not in iso_file(plain, "user-data")
     with pytest.raises(ValueError):
         build_seed_iso(tmp_path / "bad.iso", instance_id="i-3", hostname="web", ssh_keys=[],
                        segments=[("52:54:00:0a:00:0c", "10.77.0.12")])  # fmt: skip
