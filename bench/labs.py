@@ -29,9 +29,11 @@ Prints the medians, the ratio (goal: at most 1.2) and the memory per idle VM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -319,6 +321,22 @@ def raw_destroy(domains: list[libvirt.virDomain], switches: list[Path], work: Pa
     subprocess.run(["rm", "-rf", str(work / "raw")], check=False)
 
 
+def stop_leftover_switches(work: Path) -> None:
+    """SIGTERM every ``vde_switch`` serving a folder under ``work`` (a lab the bench could
+    not destroy leaves its switch running: switches outlive the service by design)."""
+    inside = os.fsencode(str(work)) + b"/"
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"vde_switch":
+            folders = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == b"-s"]
+            if any(f.startswith(inside) for f in folders):
+                with contextlib.suppress(OSError):
+                    os.kill(int(proc.name), signal.SIGTERM)
+
+
 # -- memory -------------------------------------------------------------------------------
 
 
@@ -438,6 +456,7 @@ def main() -> int:
                         dom.destroy()
                     dom.undefine()
             conn.close()
+            stop_leftover_switches(work)
     vms = len(STUDENTS) * len(MACHINES)
     print(
         f"image: twarga/tiny, domain type: {domain_type}, {len(STUDENTS)} students x "

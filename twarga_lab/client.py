@@ -820,7 +820,10 @@ class LabInstance:
     def vms(self) -> list[VM]:
         """The lab's VMs (as last read), each a :class:`VM` with ``machine`` and
         ``addresses`` (network name -> segment address)."""
-        return [VM(self._lab, data) for data in self._data.get("vms", [])]
+        return [
+            VM(self._lab, {**data, "machine": data.get("machine", data.get("lab_machine"))})
+            for data in self._data.get("vms", [])
+        ]
 
     def _act(self, action: str) -> LabInstance:
         answer = self._lab.request("POST", f"labs/{self.id}/action", {"action": action})

@@ -130,7 +130,7 @@ class FakeTwarga:
                     {
                         "id": vm_id,
                         "name": f"{name}-{instance}",
-                        "machine": instance,
+                        "lab_machine": instance,
                         "status": "pending",
                         "ssh_port": 22000 + vm_id,
                         "addresses": {
