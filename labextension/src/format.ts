@@ -1,4 +1,4 @@
-import { IMe, IVM } from './types';
+import { ILab, ILabVMFields, IMe, IVM, VMStatus } from './types';
 
 /** "45s", "3m 05s", "2h 03m", "1d 02h". */
 export function formatUptime(seconds: number): string {
@@ -74,4 +74,44 @@ export function formatTimestamp(iso: string): string {
     `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} ` +
     `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`
   );
+}
+
+/** "14:05": an ISO 8601 time as hours and minutes in the browser's time zone (null if invalid). */
+export function formatClock(iso: string): string | null {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) {
+    return null;
+  }
+  const pad = (n: number) => String(n).padStart(2, '0');
+  return `${pad(date.getHours())}:${pad(date.getMinutes())}`;
+}
+
+/**
+ * "stops when idle at 14:05" for a running VM the idle stop has a time for; null when
+ * it has none (not running, idle stop off, or a service from before it).
+ */
+export function formatIdleStop(vm: {
+  status: VMStatus;
+  idle_stop_at?: string | null;
+}): string | null {
+  if (vm.status !== 'running' || !vm.idle_stop_at) {
+    return null;
+  }
+  const clock = formatClock(vm.idle_stop_at);
+  return clock === null ? null : `stops when idle at ${clock}`;
+}
+
+/** "lan 10.77.0.11 · dmz 10.78.0.5": a lab VM's segment addresses ('' for none). */
+export function formatAddresses(vm: ILabVMFields): string {
+  return Object.entries(vm.addresses ?? {})
+    .filter(([, address]) => !!address)
+    .map(([network, address]) => `${network} ${address}`)
+    .join(' · ');
+}
+
+/** "lan 10.77.0.0/24 · dmz 10.78.0.0/24": a lab's networks. */
+export function formatNetworks(lab: ILab): string {
+  return (lab.networks ?? [])
+    .map(network => `${network.name} ${network.cidr}`)
+    .join(' · ');
 }

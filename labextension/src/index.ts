@@ -20,6 +20,7 @@ import { ConsoleTab } from './consoletab';
 import { API_NAMESPACE } from './handler';
 import { twargaIcon } from './icons';
 import { TwargaModel } from './model';
+import { NewLabDialog } from './newlab';
 // The panel and the credits are shown as soon as their plugins activate.
 // eslint-disable-next-line jupyter/prefer-lazy-imports
 import { TwargaPanel } from './panel';
@@ -31,6 +32,7 @@ export { TerminadoConsole } from './console';
 export { ConsoleTab } from './consoletab';
 export { requestAPI, TwargaAPIError } from './handler';
 export { TwargaModel } from './model';
+export { NewLabDialog, NewLabForm } from './newlab';
 export { CommandIDs, ITwargaConsoles, ITwargaModel } from './tokens';
 
 const CATEGORY = 'Twarga Lab';
@@ -89,7 +91,8 @@ const panelPlugin: JupyterFrontEndPlugin<void> = {
         void commands.execute(CommandIDs.openConsole, {
           id: vm.id,
           name: vm.name
-        })
+        }),
+      newLab: () => void commands.execute(CommandIDs.newLab)
     });
     panel.title.icon = twargaIcon;
     shell.add(panel, 'left', { rank: 600 });
@@ -106,6 +109,50 @@ const panelPlugin: JupyterFrontEndPlugin<void> = {
     });
     if (palette) {
       palette.addItem({ command: CommandIDs.openPanel, category: CATEGORY });
+    }
+  }
+};
+
+/** "New lab": a dialog listing the lab templates that makes a lab; a launcher card. */
+const newLabPlugin: JupyterFrontEndPlugin<void> = {
+  id: 'twarga-lab:new-lab',
+  description:
+    'A launcher card and command that make a lab (several VMs on private networks).',
+  autoStart: true,
+  requires: [ITwargaModel],
+  optional: [ILauncher, ICommandPalette],
+  activate: (
+    app: JupyterFrontEnd,
+    model: TwargaModel,
+    launcher: ILauncher | null,
+    palette: ICommandPalette | null
+  ) => {
+    const { commands, shell } = app;
+    commands.addCommand(CommandIDs.newLab, {
+      label: args => (args.launcher ? 'New Lab' : 'Twarga Lab: new lab'),
+      caption:
+        'Twarga Lab: new lab — several VMs on private networks, made from a template',
+      icon: twargaIcon,
+      describedBy: { args: { type: 'object', properties: {} } },
+      execute: async () => {
+        const lab = await NewLabDialog.open({ model });
+        if (lab) {
+          // Its VMs show there, grouped under the lab.
+          shell.activateById('twarga-lab-panel');
+        }
+        return lab;
+      }
+    });
+    if (launcher) {
+      launcher.add({
+        command: CommandIDs.newLab,
+        args: { launcher: true },
+        category: CATEGORY,
+        rank: -1
+      });
+    }
+    if (palette) {
+      palette.addItem({ command: CommandIDs.newLab, category: CATEGORY });
     }
   }
 };
@@ -329,6 +376,7 @@ const statusBarPlugin: JupyterFrontEndPlugin<void> = {
 const plugins: JupyterFrontEndPlugin<any>[] = [
   modelPlugin,
   panelPlugin,
+  newLabPlugin,
   consolesPlugin,
   launcherPlugin,
   statusBarPlugin

@@ -3,13 +3,26 @@ import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { jsonBody, requestAPI, TwargaAPIError } from './handler';
-import { ICreateVM, IImage, IMe, IVM, IVMSnapshot, VMAction } from './types';
+import {
+  ICreateLab,
+  ICreateVM,
+  IImage,
+  ILab,
+  ILabTemplate,
+  IMe,
+  IVM,
+  IVMSnapshot,
+  LabAction,
+  VMAction
+} from './types';
 
 /** What one poll brings back. */
 interface IPollAnswer {
   me: IMe;
   vms: IVM[];
   images: IImage[] | null;
+  /** My labs (null when they could not be listed: a service without labs). */
+  labs: ILab[] | null;
   /** The watched VM's snapshots (null when none is watched). */
   snapshots: ISnapshotAnswer | null;
 }
@@ -60,6 +73,18 @@ export class TwargaModel implements IDisposable {
     return this._vms;
   }
 
+  /** My labs (destroyed ones left out), as of the last answer. */
+  get labs(): readonly ILab[] {
+    return this._labs;
+  }
+
+  /** The lab `id`, or null. */
+  labOf(id: number | null | undefined): ILab | null {
+    return id === null || id === undefined
+      ? null
+      : (this._labs.find(lab => lab.id === id) ?? null);
+  }
+
   /** The images a VM can be created from. */
   get images(): readonly IImage[] {
     return this._images;
@@ -105,6 +130,35 @@ export class TwargaModel implements IDisposable {
     this._upsert(vm);
     void this.refresh();
     return vm;
+  }
+
+  /** The lab templates a lab can be made from; rejects with a `TwargaAPIError`. */
+  async labTemplates(): Promise<ILabTemplate[]> {
+    return requestAPI<ILabTemplate[]>('lab-templates');
+  }
+
+  /** Make a lab from a template (all its VMs and networks, or nothing). */
+  async createLab(request: ICreateLab): Promise<ILab> {
+    const lab = await requestAPI<ILab>('labs', jsonBody('POST', request));
+    this._upsertLab(lab);
+    void this.refresh();
+    return lab;
+  }
+
+  /** Start, stop or destroy a whole lab. */
+  async actOnLab(id: number, action: LabAction): Promise<ILab | null> {
+    const lab = await requestAPI<ILab | null>(
+      `labs/${encodeURIComponent(String(id))}/action`,
+      jsonBody('POST', { action })
+    );
+    if (lab && typeof lab === 'object' && 'status' in lab) {
+      this._upsertLab(lab);
+    } else if (action === 'destroy') {
+      this._labs = this._labs.filter(item => item.id !== id);
+      this._changed.emit();
+    }
+    void this.refresh();
+    return lab ?? null;
   }
 
   /** Destroy a VM and its disks. */
@@ -205,17 +259,19 @@ export class TwargaModel implements IDisposable {
   private async _fetch(): Promise<IPollAnswer> {
     const wantImages = this._images.length === 0;
     const watched = this._watched;
-    const [me, vms, images, snapshots] = await Promise.all([
+    const [me, vms, images, labs, snapshots] = await Promise.all([
       requestAPI<IMe>('me'),
       requestAPI<IVM[]>('vms'),
       // A missing image list must not hide the VMs: it is fetched again next time.
       wantImages
         ? requestAPI<IImage[]>('images').catch(() => null)
         : Promise.resolve(null),
+      // Nor may the labs (a service from before them answers 404): VMs show ungrouped.
+      requestAPI<ILab[]>('labs').catch(() => null),
       // Nor may the watched VM's snapshots: their failure is shown with them.
       watched === null ? Promise.resolve(null) : this._fetchSnapshots(watched)
     ]);
-    return { me, vms, images, snapshots };
+    return { me, vms, images, labs, snapshots };
   }
 
   private async _fetchSnapshots(vmId: number): Promise<ISnapshotAnswer> {
@@ -272,6 +328,9 @@ export class TwargaModel implements IDisposable {
       if (answer.images) {
         this._images = answer.images;
       }
+      if (answer.labs) {
+        this._labs = Private.liveLabs(answer.labs);
+      }
       this._serviceError = null;
       const listed = answer.snapshots;
       if (listed) {
@@ -297,11 +356,22 @@ export class TwargaModel implements IDisposable {
     this._changed.emit();
   }
 
+  private _upsertLab(lab: ILab): void {
+    const index = this._labs.findIndex(item => item.id === lab.id);
+    const labs =
+      index === -1
+        ? [...this._labs, lab]
+        : [...this._labs.slice(0, index), lab, ...this._labs.slice(index + 1)];
+    this._labs = Private.liveLabs(labs);
+    this._changed.emit();
+  }
+
   private _poll: Poll<IPollAnswer, unknown>;
   private _changed = new Signal<this, void>(this);
   private _me: IMe | null = null;
   private _vms: IVM[] = [];
   private _images: IImage[] = [];
+  private _labs: ILab[] = [];
   private _serviceError: string | null = null;
   private _watched: number | null = null;
   private _snapshots = new Map<number, IVMSnapshot[]>();
@@ -324,6 +394,10 @@ export namespace TwargaModel {
 }
 
 namespace Private {
+  /** The labs that still exist. */
+  export function liveLabs(labs: ILab[]): ILab[] {
+    return labs.filter(lab => lab.status !== 'destroyed');
+  }
   /** The API path of a VM's snapshots. */
   export function snapshots(vmId: number): string {
     return `vms/${encodeURIComponent(String(vmId))}/snapshots`;

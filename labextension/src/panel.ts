@@ -2,7 +2,10 @@ import { Dialog, showDialog } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
 import {
+  formatAddresses,
   formatCredits,
+  formatIdleStop,
+  formatNetworks,
   formatQuota,
   formatSpec,
   formatSSH,
@@ -12,7 +15,17 @@ import {
 } from './format';
 import { TwargaAPIError } from './handler';
 import { TwargaModel } from './model';
-import { ICreateVM, IVM, IVMSnapshot, VMAction, VMStatus } from './types';
+import {
+  ICreateVM,
+  ILab,
+  ILabVM,
+  IVM,
+  IVMSnapshot,
+  LabAction,
+  LabStatus,
+  VMAction,
+  VMStatus
+} from './types';
 
 /** The fields of the create form, in the order they are shown. */
 const CREATE_FIELDS = ['name', 'image', 'ram', 'cpu', 'disk'] as const;
@@ -75,6 +88,104 @@ const ENABLED: Record<RowAction, readonly VMStatus[]> = {
   ]
 };
 
+/** A lab's buttons and the lab statuses each makes sense in. */
+const LAB_ACTIONS: {
+  action: LabAction;
+  label: string;
+  title: string;
+  enabled: readonly LabStatus[];
+}[] = [
+  {
+    action: 'start',
+    label: 'Start lab',
+    title: 'Start every VM of the lab',
+    enabled: ['stopped', 'partial', 'error']
+  },
+  {
+    action: 'stop',
+    label: 'Stop lab',
+    title: 'Shut every VM of the lab down',
+    enabled: ['running', 'partial', 'pending']
+  },
+  {
+    action: 'destroy',
+    label: 'Destroy lab',
+    title: "Delete the lab's VMs, their disks and its networks",
+    enabled: ['pending', 'running', 'stopped', 'partial', 'error']
+  }
+];
+
+/**
+ * A lab's VMs in the lab's order, each the full VM of `GET vms` when there is one (else
+ * what the lab JSON says of it), with its segment addresses; then any VM of `vms` that
+ * names this lab but the lab JSON does not list yet.
+ */
+export function labMembers(lab: ILab, vms: readonly IVM[]): IVM[] {
+  const byId = new Map(vms.map(vm => [vm.id, vm]));
+  const members = (lab.vms ?? []).map(member => {
+    const full = byId.get(member.id);
+    return full
+      ? {
+          ...full,
+          lab_id: lab.id,
+          lab_name: lab.name,
+          machine: full.machine ?? member.machine,
+          addresses: full.addresses ?? member.addresses,
+          idle_stop_at:
+            full.idle_stop_at !== undefined
+              ? full.idle_stop_at
+              : member.idle_stop_at
+        }
+      : stubVM(lab, member);
+  });
+  const listed = new Set(members.map(vm => vm.id));
+  for (const vm of vms) {
+    if (vm.lab_id === lab.id && !listed.has(vm.id)) {
+      members.push(vm);
+    }
+  }
+  return members;
+}
+
+/**
+ * My VMs split by lab: each lab with its VMs, and the plain VMs (no lab, or a lab the
+ * labs list does not have) in the API's order.
+ */
+export function groupByLab(
+  labs: readonly ILab[],
+  vms: readonly IVM[]
+): { labs: { lab: ILab; vms: IVM[] }[]; plain: IVM[] } {
+  const grouped = labs.map(lab => ({ lab, vms: labMembers(lab, vms) }));
+  const inLab = new Set<number>();
+  for (const group of grouped) {
+    group.vms.forEach(vm => inLab.add(vm.id));
+  }
+  return { labs: grouped, plain: vms.filter(vm => !inLab.has(vm.id)) };
+}
+
+/** A lab VM the VM list does not have yet, from what the lab JSON says of it. */
+function stubVM(lab: ILab, member: ILabVM): IVM {
+  return {
+    owner: lab.owner,
+    status_message: null,
+    image: '',
+    os_type: '',
+    ram: 0,
+    cpu: 0,
+    disk: 0,
+    ip_address: null,
+    ssh_host: null,
+    ssh_port: null,
+    domain: null,
+    created_at: lab.created_at,
+    started_at: null,
+    uptime: 0,
+    ...member,
+    lab_id: lab.id,
+    lab_name: lab.name
+  };
+}
+
 /**
  * The "Twarga Lab" side panel: my credits and quota, my VMs with their buttons, the
  * snapshots of the VM whose "Snapshots" button was pressed, and a form to create a VM.
@@ -85,6 +196,7 @@ export class TwargaPanel extends Widget {
     super();
     this._model = options.model;
     this._openConsole = options.openConsole;
+    this._newLab = options.newLab ?? null;
     this.id = 'twarga-lab-panel';
     this.addClass('twarga-panel');
     this.title.caption = 'Twarga Lab';
@@ -106,8 +218,24 @@ export class TwargaPanel extends Widget {
     this.node.appendChild(this._serviceStatus);
 
     const list = element('section', 'twarga-section');
-    list.appendChild(element('h3', 'twarga-section-title', 'My VMs'));
+    const listHead = list.appendChild(element('div', 'twarga-section-head'));
+    listHead.appendChild(element('h3', 'twarga-section-title', 'My VMs'));
+    if (this._newLab) {
+      const newLab = element(
+        'button',
+        'jp-mod-styled twarga-button',
+        'New lab…'
+      ) as HTMLButtonElement;
+      newLab.type = 'button';
+      newLab.title =
+        'Make a lab from a template: several VMs on private networks';
+      newLab.dataset.action = 'new-lab';
+      const open = this._newLab;
+      newLab.addEventListener('click', () => open());
+      listHead.appendChild(newLab);
+    }
     this._empty = list.appendChild(element('div', 'twarga-empty', 'Loading…'));
+    this._labList = list.appendChild(element('div', 'twarga-lab-list'));
     this._list = list.appendChild(element('div', 'twarga-vm-list'));
     this.node.appendChild(list);
 
@@ -175,23 +303,30 @@ export class TwargaPanel extends Widget {
   }
 
   private _renderVMs(): void {
-    const vms = this._model.vms;
+    const { labs, plain } = groupByLab(this._model.labs, this._model.vms);
     const seen = new Set<number>();
-    vms.forEach((vm, index) => {
-      seen.add(vm.id);
-      let row = this._rows.get(vm.id);
-      if (!row) {
-        row = new VMRow(vm, (action, r) => void this._onRowAction(action, r));
-        this._rows.set(vm.id, row);
+    const seenLabs = new Set<number>();
+    labs.forEach(({ lab, vms }, index) => {
+      seenLabs.add(lab.id);
+      let group = this._labs.get(lab.id);
+      if (!group) {
+        group = new LabGroup(
+          lab,
+          (action, g) => void this._onLabAction(action, g)
+        );
+        this._labs.set(lab.id, group);
       }
-      row.update(vm);
-      row.setSelected(vm.id === this._snapshots.vmId);
-      // Keep DOM order equal to the API's order without rebuilding rows (a click in
-      // flight on a rebuilt button would be lost).
-      if (this._list.children[index] !== row.node) {
-        this._list.insertBefore(row.node, this._list.children[index] ?? null);
-      }
+      group.update(lab);
+      placeAt(this._labList, group.node, index);
+      this._placeRows(group.vmList, vms, seen);
     });
+    for (const [id, group] of this._labs) {
+      if (!seenLabs.has(id)) {
+        group.node.remove();
+        this._labs.delete(id);
+      }
+    }
+    this._placeRows(this._list, plain, seen);
     for (const [id, row] of this._rows) {
       if (!seen.has(id)) {
         row.node.remove();
@@ -204,7 +339,7 @@ export class TwargaPanel extends Widget {
       this._snapshots.vmId = null;
       void this._model.watchSnapshots(null);
     }
-    if (vms.length > 0) {
+    if (seen.size > 0 || labs.length > 0) {
       this._empty.hidden = true;
     } else {
       this._empty.hidden = false;
@@ -213,6 +348,64 @@ export class TwargaPanel extends Widget {
         : this._model.serviceError
           ? 'Your VMs will show here when Twarga Lab answers.'
           : 'Loading…';
+    }
+  }
+
+  /** Show `vms` in `container`, in that order, reusing (and moving) their rows. */
+  private _placeRows(
+    container: HTMLElement,
+    vms: readonly IVM[],
+    seen: Set<number>
+  ): void {
+    vms.forEach((vm, index) => {
+      seen.add(vm.id);
+      let row = this._rows.get(vm.id);
+      if (!row) {
+        row = new VMRow(vm, (action, r) => void this._onRowAction(action, r));
+        this._rows.set(vm.id, row);
+      }
+      row.update(vm);
+      row.setSelected(vm.id === this._snapshots.vmId);
+      // Keep DOM order equal to the API's order without rebuilding rows (a click in
+      // flight on a rebuilt button would be lost).
+      placeAt(container, row.node, index);
+    });
+    // Rows that moved away (a VM that joined a lab) are placed in their new container;
+    // what is left after the last one here does not belong here any more.
+    while (container.children.length > vms.length) {
+      container.lastElementChild?.remove();
+    }
+  }
+
+  private async _onLabAction(
+    action: LabAction,
+    group: LabGroup
+  ): Promise<void> {
+    const lab = group.lab;
+    if (action === 'destroy') {
+      const count = lab.vms?.length ?? 0;
+      const answer = await showDialog({
+        title: `Destroy lab ${lab.name}?`,
+        body:
+          `This deletes the lab "${lab.name}": its ${count === 1 ? 'VM' : `${count} VMs`}, ` +
+          'their disks and its networks. It cannot be undone.',
+        buttons: [
+          Dialog.cancelButton(),
+          Dialog.warnButton({ label: 'Destroy' })
+        ]
+      });
+      if (!answer.button.accept) {
+        return;
+      }
+    }
+    group.setBusy(true);
+    try {
+      await this._model.actOnLab(lab.id, action);
+      group.setError(null);
+    } catch (error) {
+      group.setError(messageOf(error));
+    } finally {
+      group.setBusy(false);
     }
   }
 
@@ -411,6 +604,9 @@ export class TwargaPanel extends Widget {
 
   private _model: TwargaModel;
   private _openConsole: (vm: IVM) => void;
+  private _newLab: (() => void) | null;
+  private _labList: HTMLElement;
+  private _labs = new Map<number, LabGroup>();
   private _user: HTMLElement;
   private _credits: HTMLElement;
   private _quota: HTMLElement;
@@ -435,7 +631,99 @@ export namespace TwargaPanel {
     model: TwargaModel;
     /** Open the console tab of a VM. */
     openConsole: (vm: IVM) => void;
+    /** Open the "new lab" dialog (no "New lab…" button without it). */
+    newLab?: () => void;
   }
+}
+
+/**
+ * One lab: a header with its name, status, template and networks (each with its cidr),
+ * its start / stop / destroy buttons, and its VMs' rows under it.
+ */
+class LabGroup {
+  constructor(
+    lab: ILab,
+    onAction: (action: LabAction, group: LabGroup) => void
+  ) {
+    this.lab = lab;
+    this.node = element('div', 'twarga-lab');
+    const head = this.node.appendChild(element('div', 'twarga-lab-head'));
+    this._name = head.appendChild(element('span', 'twarga-lab-name'));
+    this._status = head.appendChild(element('span', 'twarga-lab-status'));
+    const details = this.node.appendChild(element('div', 'twarga-lab-details'));
+    this._template = details.appendChild(
+      element('span', 'twarga-lab-template')
+    );
+    this._networks = details.appendChild(
+      element('span', 'twarga-lab-networks')
+    );
+    const actions = this.node.appendChild(element('div', 'twarga-lab-actions'));
+    for (const { action, label, title } of LAB_ACTIONS) {
+      const classes =
+        action === 'destroy'
+          ? 'jp-mod-styled jp-mod-warn twarga-button'
+          : 'jp-mod-styled twarga-button';
+      const button = element('button', classes, label) as HTMLButtonElement;
+      button.type = 'button';
+      button.title = title;
+      button.dataset.labAction = action;
+      button.addEventListener('click', () => onAction(action, this));
+      actions.appendChild(button);
+      this._buttons.set(action, button);
+    }
+    this._error = this.node.appendChild(element('div', 'twarga-lab-error'));
+    this._error.setAttribute('role', 'alert');
+    this._error.hidden = true;
+    this.vmList = this.node.appendChild(element('div', 'twarga-lab-vms'));
+  }
+
+  readonly node: HTMLElement;
+  /** Where the rows of the lab's VMs go. */
+  readonly vmList: HTMLElement;
+  lab: ILab;
+
+  update(lab: ILab): void {
+    this.lab = lab;
+    this.node.dataset.labId = String(lab.id);
+    this.node.dataset.labName = lab.name;
+    this.node.dataset.status = lab.status;
+    this._name.textContent = lab.name;
+    this._status.textContent = lab.status;
+    this._status.className = `twarga-lab-status twarga-status-${lab.status}`;
+    this._template.textContent = `template ${lab.template}`;
+    const networks = formatNetworks(lab);
+    this._networks.textContent = networks ? `networks ${networks}` : '';
+    this._networks.title = "The lab's private networks (no path to the host's)";
+    this._refreshButtons();
+  }
+
+  setBusy(busy: boolean): void {
+    this._busy = busy;
+    this.node.classList.toggle('twarga-mod-busy', busy);
+    this._refreshButtons();
+  }
+
+  setError(message: string | null): void {
+    this._error.textContent = message ?? '';
+    this._error.hidden = !message;
+  }
+
+  private _refreshButtons(): void {
+    for (const { action, enabled } of LAB_ACTIONS) {
+      const button = this._buttons.get(action);
+      if (button) {
+        button.disabled = this._busy || !enabled.includes(this.lab.status);
+      }
+    }
+  }
+
+  private _name: HTMLElement;
+  private _status: HTMLElement;
+  private _template: HTMLElement;
+  private _networks: HTMLElement;
+  private _error: HTMLElement;
+  private _buttons = new Map<LabAction, HTMLButtonElement>();
+  private _busy = false;
 }
 
 /** One VM in the list, built once and updated in place. */
@@ -453,6 +741,12 @@ class VMRow {
     this._spec = details.appendChild(element('span', 'twarga-vm-spec'));
     this._uptime = details.appendChild(element('span', 'twarga-vm-uptime'));
     this._ssh = details.appendChild(element('span', 'twarga-vm-ssh'));
+    this._addresses = this.node.appendChild(
+      element('div', 'twarga-vm-addresses')
+    );
+    this._addresses.hidden = true;
+    this._idle = this.node.appendChild(element('div', 'twarga-vm-idle'));
+    this._idle.hidden = true;
     this._message = this.node.appendChild(element('div', 'twarga-vm-message'));
     this._error = this.node.appendChild(element('div', 'twarga-vm-error'));
     this._error.hidden = true;
@@ -484,11 +778,26 @@ class VMRow {
     this._status.textContent = vm.status;
     this._status.className = `twarga-vm-status twarga-status-${vm.status}`;
     this._updateReady(vm);
-    this._spec.textContent = formatSpec(vm);
+    // A lab VM the VM list does not have yet: its spec is not known.
+    this._spec.textContent = vm.image ? formatSpec(vm) : '';
     this._uptime.textContent =
       vm.status === 'running' ? `up ${formatUptime(vm.uptime)}` : '';
     const ssh = formatSSH(vm);
     this._ssh.textContent = ssh ? `ssh ${ssh}` : '';
+    const addresses = formatAddresses(vm);
+    this._addresses.textContent = addresses;
+    this._addresses.title = addresses
+      ? "The VM's addresses on its lab's private networks"
+      : '';
+    this._addresses.hidden = !addresses;
+    const idle = formatIdleStop(vm);
+    this._idle.textContent = idle ?? '';
+    this._idle.title = idle
+      ? `No console input, no SSH session and low CPU until ${formatTimestamp(
+          vm.idle_stop_at as string
+        )}: the VM is stopped then (its credits stop running too)`
+      : '';
+    this._idle.hidden = idle === null;
     this._message.textContent = vm.status_message ?? '';
     this._message.hidden = !vm.status_message;
     this._refreshButtons();
@@ -546,6 +855,8 @@ class VMRow {
   private _spec: HTMLElement;
   private _uptime: HTMLElement;
   private _ssh: HTMLElement;
+  private _addresses: HTMLElement;
+  private _idle: HTMLElement;
   private _message: HTMLElement;
   private _error: HTMLElement;
   private _buttons = new Map<RowAction, HTMLButtonElement>();
@@ -895,6 +1206,17 @@ function describeState(state: string): string {
     return 'taken while it was stopped: the disk only, the VM is stopped after a revert';
   }
   return `taken while it was ${state}`;
+}
+
+/** Put `node` at position `index` of `container` (moving it if it is elsewhere). */
+function placeAt(
+  container: HTMLElement,
+  node: HTMLElement,
+  index: number
+): void {
+  if (container.children[index] !== node) {
+    container.insertBefore(node, container.children[index] ?? null);
+  }
 }
 
 function element(tag: string, className: string, text?: string): HTMLElement {

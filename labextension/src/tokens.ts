@@ -13,6 +13,8 @@ export namespace CommandIDs {
   export const openTerminado = 'twarga:open-terminado';
   /** Args `{path, label?, caption?}`: a notebook under the Jupyter root. */
   export const openNotebook = 'twarga:open-notebook';
+  /** The "New lab" dialog: a lab made from a template (`POST twarga/api/labs`). */
+  export const newLab = 'twarga:new-lab';
 }
 
 /** The one `TwargaModel` of the page, shared by the panel and the status bar. */

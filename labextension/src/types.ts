@@ -12,7 +12,7 @@ export type VMStatus =
 
 export type VMAction = 'start' | 'stop' | 'restart' | 'destroy' | 'force-stop';
 
-export interface IVM {
+export interface IVM extends ILabVMFields {
   id: number;
   name: string;
   owner: string;
@@ -85,4 +85,66 @@ export interface IVMSnapshot {
   created_at: string;
   /** The VM's libvirt state when it was taken: `running` (with memory) or `shutoff`. */
   state: string;
+}
+
+/** What VMs of a lab add to the VM JSON (plain VMs: `lab_id` null or absent). */
+export interface ILabVMFields {
+  /** The lab the VM belongs to, or null for a plain VM. */
+  lab_id?: number | null;
+  lab_name?: string | null;
+  /** The lab's machine this VM is an instance of, e.g. `attacker` or `node-2`. */
+  machine?: string;
+  /** The VM's address on each of its lab's networks: `{lan: "10.77.0.11"}`. */
+  addresses?: Record<string, string>;
+  /** When the idle stop will stop this running VM if it stays idle (ISO 8601), or null. */
+  idle_stop_at?: string | null;
+}
+
+export type LabStatus =
+  'pending' | 'running' | 'stopped' | 'partial' | 'error' | 'destroyed';
+
+export type LabAction = 'start' | 'stop' | 'destroy';
+
+/** One of a lab's private networks (an L2 segment). */
+export interface ILabNetwork {
+  name: string;
+  cidr: string;
+}
+
+/** A VM as the lab JSON lists it (the full VM is in `GET vms`). */
+export interface ILabVM extends ILabVMFields {
+  id: number;
+  name: string;
+  status: VMStatus;
+  ssh_port?: number | null;
+}
+
+/** A lab, as `GET twarga/api/labs` lists them (see notes/labs-contract.md). */
+export interface ILab {
+  id: number;
+  name: string;
+  owner: string;
+  template: string;
+  status: LabStatus;
+  deployment_id: number | null;
+  created_at: string;
+  networks: ILabNetwork[];
+  vms: ILabVM[];
+}
+
+/** A lab template, as `GET twarga/api/lab-templates` lists them. */
+export interface ILabTemplate {
+  name: string;
+  title?: string;
+  description?: string;
+  networks?: ILabNetwork[];
+  machines?: { name: string; image: string; count?: number }[];
+  machines_count?: number;
+  vm_count?: number;
+}
+
+/** What `POST twarga/api/labs` takes. */
+export interface ICreateLab {
+  template: string;
+  name: string;
 }

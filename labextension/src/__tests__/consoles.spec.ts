@@ -68,10 +68,11 @@ afterEach(() => {
 });
 
 describe('twarga-lab:consoles', () => {
-  it('is one of five plugins, each with an id and a description', () => {
+  it('is one of six plugins, each with an id and a description', () => {
     expect(plugins.map(plugin => plugin.id)).toEqual([
       'twarga-lab:model',
       'twarga-lab:panel',
+      'twarga-lab:new-lab',
       'twarga-lab:consoles',
       'twarga-lab:launcher',
       'twarga-lab:status-bar'
