@@ -1,5 +1,5 @@
-"""``VMDashboard``: my VMs with their actions and snapshots, a create form, my credits and
-quota."""
+"""``VMDashboard``: my VMs with their actions and snapshots, my labs (their VMs and
+networks, lab actions, a lab from a template), a create form, my credits and quota."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ from twarga_lab.widgets.data import (
 )
 from twarga_lab.widgets.data import (
     note as _note,
+)
+from twarga_lab.widgets.labs import (
+    LabsSection,
+    idle_stop_label,
+    lab_vm_ids,
+    load_labs,
+    load_templates,
 )
 from twarga_lab.widgets.snapshots import VMSnapshots, list_snapshots
 
@@ -169,8 +176,10 @@ class VMActionBar(widgets.VBox):
 
 class VMDashboard(LivePanel):
     """My VMs: status, IP, SSH port and uptime; start, stop, restart and destroy; the chosen
-    VM's snapshots (take, revert, delete); a create form whose errors show next to their
-    field; my credits and quota use.
+    VM's snapshots (take, revert, delete); my labs (``labs``, a :class:`LabsSection`): each
+    with its networks and its VMs (segment addresses, idle stop), start / stop / destroy of a
+    lab and a lab from a template; a create form whose errors show next to their field; my
+    credits and quota use. VMs of a lab show under their lab, the table has the others.
 
         >>> dash = VMDashboard(lab)
         >>> dash.start()      # live refresh every `interval` seconds
@@ -207,6 +216,10 @@ class VMDashboard(LivePanel):
             self.lab, result=self.actions.result, after=self.request_refresh
         )
         self.actions.observe(lambda _: self._select(), names=["selected", "vms"])
+        # Hidden until the service lists labs (one from before them answers 404).
+        self.labs = LabsSection(
+            self.lab, after=self.request_refresh, layout=widgets.Layout(display="none")
+        )
         self.fields: dict[str, widgets.DOMWidget] = {
             "name": widgets.Text(description="Name", placeholder="web-1"),
             "image": widgets.Dropdown(description="Image", options=[]),
@@ -234,6 +247,7 @@ class VMDashboard(LivePanel):
             self.message,
             self.account,
             self.table,
+            self.labs,
             self.actions,
             self.snapshots,
             widgets.HBox([form, self.quota_chart]),
@@ -244,6 +258,7 @@ class VMDashboard(LivePanel):
         if hasattr(self, "actions"):
             self.actions.lab = change["new"]
             self.snapshots.lab = change["new"]
+            self.labs.lab = change["new"]
 
     def _select(self) -> None:
         """The snapshots follow the VM chosen in the action bar (and its status)."""
@@ -259,16 +274,45 @@ class VMDashboard(LivePanel):
                 listed = (selected["id"], list_snapshots(self.lab, selected), "")
             except TwargaAPIError as error:
                 listed = (selected["id"], None, error.message)
-        return {"me": self.lab.me(), "vms": vms, "images": self.lab.images(), "snapshots": listed}
+        labs, labs_error = load_labs(self.lab)
+        # The templates are asked for until they have been listed once.
+        templates = (
+            load_templates(self.lab) if labs is not None and not self.labs.templates else None
+        )
+        return {
+            "me": self.lab.me(),
+            "vms": vms,
+            "images": self.lab.images(),
+            "snapshots": listed,
+            "labs": labs,
+            "labs_error": labs_error,
+            "lab_templates": templates,
+        }
 
     def show(self, data: dict[str, Any]) -> None:
         self.account.value = account_summary(data["me"])
         labels, percents = quota_use(data["me"])
         with self.quota_bars.hold_sync():
             self.quota_bars.x, self.quota_bars.y = labels, percents
-        self.table.value = html_table(
-            VM_COLUMNS, vm_rows(data["vms"]), empty="No VMs yet: create one below."
+        labs, labs_error = data.get("labs"), data.get("labs_error", "")
+        self.labs.apply(labs, data["vms"], labs_error, data.get("lab_templates"))
+        self.labs.layout.display = "none" if labs is None and not labs_error else ""
+        # VMs of a lab show under their lab; the table has the others.
+        in_labs = lab_vm_ids(self.labs.labs) if labs is not None else set()
+        plain = [vm for vm in data["vms"] if vm["id"] not in in_labs]
+        rows = vm_rows(plain)
+        columns: tuple[str, ...] = VM_COLUMNS
+        idle = [idle_stop_label(vm) for vm in plain]
+        if any(idle):
+            columns = (*VM_COLUMNS, "Idle stop")
+            for row, label in zip(rows, idle, strict=True):
+                row["Idle stop"] = label
+        empty = (
+            "No VMs outside your labs: create one below."
+            if in_labs
+            else "No VMs yet: create one below."
         )
+        self.table.value = html_table(columns, rows, empty=empty)
         self.actions.vms = data["vms"]
         if data.get("snapshots") is not None:
             self.snapshots.apply(*data["snapshots"])
