@@ -129,7 +129,11 @@ export function labMembers(lab: ILab, vms: readonly IVM[]): IVM[] {
           ...full,
           lab_id: lab.id,
           lab_name: lab.name,
-          machine: full.machine ?? member.machine,
+          machine:
+            full.machine ??
+            full.lab_machine ??
+            member.machine ??
+            member.lab_machine,
           addresses: full.addresses ?? member.addresses,
           idle_stop_at:
             full.idle_stop_at !== undefined

@@ -93,7 +93,9 @@ export interface ILabVMFields {
   lab_id?: number | null;
   lab_name?: string | null;
   /** The lab's machine this VM is an instance of, e.g. `attacker` or `node-2`. */
-  machine?: string;
+  machine?: string | null;
+  /** The same, as the service's VM JSON names it. */
+  lab_machine?: string | null;
   /** The VM's address on each of its lab's networks: `{lan: "10.77.0.11"}`. */
   addresses?: Record<string, string>;
   /** When the idle stop will stop this running VM if it stays idle (ISO 8601), or null. */
