@@ -26,13 +26,25 @@ from pathlib import Path
 from twarga_lab.errors import BackendError
 from twarga_lab.virt.images import FileOwner
 
-__all__ = ["PID_FILE", "VDE_PACKAGE", "start_switch", "stop_switch", "switch_pid", "switch_running"]
+__all__ = [
+    "MAX_FOLDER_BYTES",
+    "PID_FILE",
+    "VDE_PACKAGE",
+    "start_switch",
+    "stop_switch",
+    "switch_pid",
+    "switch_running",
+]
 
 VDE_PACKAGE = "vde2"
 PID_FILE = "switch.pid"
 CTL_SOCKET = "ctl"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+#: A UNIX socket path has at most 107 bytes; each QEMU plugged in binds its own data socket
+#: ``<folder>/.PPPPP-NNNNN`` (libvdeplug's ``%s/.%05d-%05d``; up to 15 bytes after the
+#: folder with 7-digit pids).
+MAX_FOLDER_BYTES = 107 - 15
 
 
 def _check_folder(sock_dir: Path) -> Path:
@@ -89,6 +101,11 @@ def start_switch(sock_dir: Path, *, owner: FileOwner | None) -> int:
     process's own account (a session libvirt, or tests without root).
     """
     sock_dir = _check_folder(sock_dir)
+    if len(os.fsencode(str(sock_dir))) > MAX_FOLDER_BYTES:
+        raise ValueError(
+            f"switch folder {sock_dir} is too long for its sockets (at most "
+            f"{MAX_FOLDER_BYTES} bytes): choose a shorter folder"
+        )
     pid = switch_pid(sock_dir, owner=owner)
     if pid is not None and (sock_dir / CTL_SOCKET).is_socket():
         return pid

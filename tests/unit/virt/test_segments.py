@@ -327,7 +327,7 @@ def test_a_forged_pid_file_is_not_trusted(tmp_path):
     assert not folder.exists()
 
 
-@pytest.mark.parametrize("bad", [Path("relative"), Path("/srv/a,b")])
+@pytest.mark.parametrize("bad", [Path("relative"), Path("/srv/a,b"), Path("/srv/" + "x" * 90)])
 def test_switch_folders_are_absolute_without_commas(bad):
     with pytest.raises(ValueError):
         start_switch(bad, owner=None)
