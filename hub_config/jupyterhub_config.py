@@ -116,9 +116,22 @@ c.JupyterHub.services = [
 c.JupyterHub.load_roles = [
     # Everyone may use the twarga service (its API checks ownership per VM).
     {"name": "user", "scopes": ["self", "access:services!service=twarga"]},
-    # The service reads users' admin flag from the Hub.
-    {"name": "twarga-service", "scopes": ["read:users", "list:users"], "services": ["twarga"]},
+    # The service reads users' admin flag, and groups (a class's members, its instructors).
+    {
+        "name": "twarga-service",
+        "scopes": ["read:users", "list:users", "read:groups", "list:groups"],
+        "services": ["twarga"],
+    },
+    # Instructors (members of the "instructors" group) see the classes' groups and users; the
+    # twarga service lets them deploy labs to, see and grade the groups they belong to.
+    {
+        "name": "instructor",
+        "description": "Deploy Twarga labs to a class (a Hub group) and grade them",
+        "scopes": ["read:groups", "list:groups", "read:users:name", "list:users"],
+        "groups": ["instructors"],
+    },
 ]
+c.JupyterHub.load_groups = {"instructors": {}}
 
 # -- users' servers -----------------------------------------------------------------------
 c.JupyterHub.spawner_class = "jupyterhub.spawner.LocalProcessSpawner"

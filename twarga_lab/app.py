@@ -32,6 +32,7 @@ from twarga_lab.services.consoles import ConsoleService, VMConsoleManager
 from twarga_lab.services.credits import CreditMeter, CreditService
 from twarga_lab.services.hubusers import HubUserDirectory
 from twarga_lab.services.idle import IdleStopper
+from twarga_lab.services.labs import LabService
 from twarga_lab.services.metrics import MetricsService
 from twarga_lab.services.metrics.service import default_scrape_token
 from twarga_lab.services.snapshots import SnapshotService
@@ -136,6 +137,7 @@ class Services:
     syslog: SyslogService
     consoles: ConsoleService
     snapshots: SnapshotService
+    labs: LabService
 
     hub_users: HubUserDirectory | None = None  # service mode under a Hub only
     idle: IdleStopper | None = None  # stops VMs nobody uses (idle_stop_after)
@@ -460,6 +462,7 @@ class TwargaLabApp(ExtensionApp):
             vms_dir=vms_dir,
             domain_type=self.resolved_domain_type(),
             domain_prefix=self.domain_prefix,
+            runs_guests=not self.libvirt_uri.startswith("test:"),
             parent=self,
         )
         credits = CreditService(db, users, parent=self)
@@ -470,6 +473,8 @@ class TwargaLabApp(ExtensionApp):
         soc = SocService(db, parent=self)
         syslog = SyslogService(soc, db, backend, domain_prefix=self.domain_prefix, parent=self)
         metrics.registry.register(SyslogCollector(syslog))
+        labs = LabService(db, vms, users, images, parent=self)
+        soc.enforcer = labs.enforce_ban  # brute force inside a lab is refused by the target
         return Services(
             db,
             backend,
@@ -485,6 +490,7 @@ class TwargaLabApp(ExtensionApp):
             consoles=ConsoleService(db, vms, self.libvirt_uri, parent=self),
             snapshots=SnapshotService(db, backend, vms, parent=self),
             idle=IdleStopper(db, vms, metrics, parent=self),
+            labs=labs,
         )
 
     def initialize_settings(self) -> None:
@@ -508,6 +514,7 @@ class TwargaLabApp(ExtensionApp):
             self.services.hub_users = HubUserDirectory(
                 os.environ["JUPYTERHUB_API_URL"], os.environ.get("JUPYTERHUB_API_TOKEN", "")
             )
+            self.services.labs.hub = self.services.hub_users  # groups and instructors
         self.settings["twarga_lab_services"] = self.services
         self.settings["twarga_lab_consoles"] = VMConsoleManager(parent=self)
         self.log.info(

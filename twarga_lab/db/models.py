@@ -161,8 +161,17 @@ class VM(Base):
     # Credits are charged for running time up to here; the meter picks up from it.
     metered_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # A lab's VM: which lab, and which machine of its template (``web``, ``web-2``).
+    lab_id: Mapped[int | None] = mapped_column(
+        ForeignKey("labs.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    lab_machine: Mapped[str | None] = mapped_column(String(63), nullable=True)
 
     owner: Mapped[User] = relationship(back_populates="vms")
+    lab: Mapped[Lab | None] = relationship(back_populates="vms")
+    nics: Mapped[list[LabNIC]] = relationship(
+        back_populates="vm", cascade="all, delete-orphan", order_by="LabNIC.id"
+    )
 
     __table_args__ = (
         # Names are unique per user among VMs that still exist; destroyed rows stay for history.
@@ -303,3 +312,84 @@ class Ban(Base):
     last_banned_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (Index("uq_bans_scope_source", "scope", "source", unique=True),)
+
+
+class Deployment(Base):
+    """One template handed to every member of a Hub group: each gets a lab of their own."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    group_name: Mapped[str] = mapped_column(String(255))
+    template_name: Mapped[str] = mapped_column(String(63))
+    template: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    labs: Mapped[list[Lab]] = relationship(back_populates="deployment", order_by="Lab.id")
+
+
+class Lab(Base):
+    """A set of one owner's VMs made from a template, with private networks of their own."""
+
+    __tablename__ = "labs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(63))
+    template_name: Mapped[str] = mapped_column(String(63))
+    # The template as it was when the lab was made: later edits of the file change nothing.
+    template: Mapped[dict[str, Any]] = mapped_column(JSON)
+    deployment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("deployments.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    owner: Mapped[User] = relationship()
+    deployment: Mapped[Deployment | None] = relationship(back_populates="labs")
+    networks: Mapped[list[LabNetwork]] = relationship(
+        back_populates="lab", cascade="all, delete-orphan", order_by="LabNetwork.id"
+    )
+    vms: Mapped[list[VM]] = relationship(back_populates="lab", order_by="VM.id")
+
+    __table_args__ = (
+        Index(
+            "uq_labs_owner_live_name",
+            "owner_id",
+            "name",
+            unique=True,
+            sqlite_where=text("destroyed_at IS NULL"),
+            postgresql_where=text("destroyed_at IS NULL"),
+        ),
+    )
+
+
+class LabNetwork(Base):
+    """A lab's private L2 segment: one virtual switch, no path to the host's networks."""
+
+    __tablename__ = "lab_networks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lab_id: Mapped[int] = mapped_column(ForeignKey("labs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(15))
+    cidr: Mapped[str] = mapped_column(String(18))
+
+    lab: Mapped[Lab] = relationship(back_populates="networks")
+
+
+class LabNIC(Base):
+    """A lab VM's port on one of its lab's segments, with the address the seed gives it."""
+
+    __tablename__ = "lab_nics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    network_id: Mapped[int] = mapped_column(ForeignKey("lab_networks.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(String(15))
+    prefix: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(17))
+
+    vm: Mapped[VM] = relationship(back_populates="nics")
+    network: Mapped[LabNetwork] = relationship()

@@ -3,7 +3,7 @@ registers it and a test walks it to check authentication and ownership."""
 
 from __future__ import annotations
 
-from twarga_lab.handlers import admin, console, images, me, metrics, snapshots, soc, vms
+from twarga_lab.handlers import admin, console, images, labs, me, metrics, snapshots, soc, vms
 
 ROUTES = [
     *me.default_handlers,
@@ -14,6 +14,7 @@ ROUTES = [
     *admin.default_handlers,
     *metrics.default_handlers,
     *soc.default_handlers,
+    *labs.default_handlers,
 ]
 
 __all__ = ["ROUTES"]

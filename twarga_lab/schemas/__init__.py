@@ -14,6 +14,7 @@ and ``base`` (the machinery).
 
 from twarga_lab.schemas.admin import GrantCredits, SetQuota
 from twarga_lab.schemas.base import UNSET, FieldDoc, Request, Unset, check_types
+from twarga_lab.schemas.labs import CreateDeployment, CreateLab, LabAction
 from twarga_lab.schemas.me import SetSSHKey, validate_ssh_key
 from twarga_lab.schemas.metrics import HistoryQuery, parse_time
 from twarga_lab.schemas.soc import EventQuery
@@ -28,19 +29,22 @@ from twarga_lab.schemas.vms import (
 
 SCHEMAS: tuple[type[Request], ...] = (
     CreateVM, CloneVM, UpdateVM, VMAction, CreateSnapshot, SetSSHKey, GrantCredits, SetQuota,
-    EventQuery, HistoryQuery,
+    EventQuery, HistoryQuery, CreateLab, LabAction, CreateDeployment,
 )  # fmt: skip
 
 __all__ = [
     "SCHEMAS",
     "UNSET",
     "CloneVM",
+    "CreateDeployment",
+    "CreateLab",
     "CreateSnapshot",
     "CreateVM",
     "EventQuery",
     "FieldDoc",
     "GrantCredits",
     "HistoryQuery",
+    "LabAction",
     "Request",
     "SetQuota",
     "SetSSHKey",

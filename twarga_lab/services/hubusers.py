@@ -41,5 +41,17 @@ class HubUserDirectory:
         self._cache[name] = (now, admin)
         return admin
 
+    async def group_members(self, group: str) -> list[str]:
+        """The members of Hub group ``group`` ([] when there is no such group)."""
+        try:
+            response = await self._client.get(f"{self.api_url}/groups/{quote(group, safe='')}")
+            if response.status_code == 404:
+                return []
+            response.raise_for_status()
+            return sorted(str(name) for name in response.json().get("users", []))
+        except (httpx.HTTPError, ValueError) as e:
+            log.warning("cannot read group %s from the Hub: %s", group, e)
+            return []
+
     async def close(self) -> None:
         await self._client.aclose()

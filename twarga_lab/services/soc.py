@@ -24,7 +24,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -177,6 +177,8 @@ class SocService(LoggingConfigurable):
     def __init__(self, db: Database, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.db = db
+        # Pushes a ban into a lab VM (``LabService.enforce_ban``): (vm id, source) -> taken.
+        self.enforcer: Callable[[int, str], bool] | None = None
 
     @property
     def policy(self) -> BanPolicy:
@@ -570,18 +572,26 @@ class SocService(LoggingConfigurable):
             return 1
         assert outcome.banned_until is not None and source is not None
         duration = self.policy.duration(outcome.ban_count).total_seconds()
+        # Inside a lab the attacker has an address of its own on the segment: the target's
+        # guest refuses it (a local UNIX socket write, so it is fine inside the transaction).
+        enforced = self.enforcer is not None and self.enforcer(vm_id, source)
+        note = (
+            "the address is refused inside the VM (pushed through its control port)"
+            if enforced
+            else NOT_ENFORCED
+        )
         record_event(
             session, EventType.security, Severity.critical,
             f"SSH brute force on {target} from {source}: {outcome.failures_in_window} "
             f"failures within {self.policy.findtime:g} s; ban #{outcome.ban_count} of "
             f"{duration:g} s until {outcome.banned_until.isoformat(timespec='seconds')} "
-            "(recorded, not enforced)",
+            + ("(enforced inside the VM)" if enforced else "(recorded, not enforced)"),
             user_name=owner, vm_id=vm_id, source=source, action="ssh_bruteforce", scope=scope,
             failures=outcome.failures_in_window,
             maxretry=self.policy.maxretry, findtime=self.policy.findtime,
             ban_count=outcome.ban_count, bantime=duration,
-            banned_until=outcome.banned_until.isoformat(), enforced=False,
-            enforcement_note=NOT_ENFORCED, **where,
+            banned_until=outcome.banned_until.isoformat(), enforced=enforced,
+            enforcement_note=note, **where,
         )  # fmt: skip
         return 2
 

@@ -64,6 +64,12 @@ def test_the_json_of_a_vm():
         "started_at": (T0 + timedelta(minutes=1)).isoformat(),
         "uptime": 600,
         "ready": True,  # no readiness known: a running VM counts as ready
+        # Not a lab's VM; no idle stop configured.
+        "lab_id": None,
+        "lab_name": None,
+        "lab_machine": None,
+        "addresses": {},
+        "idle_stop_at": None,
     }
     booting = vm_to_json(a_vm(), "alice", T0 + timedelta(minutes=11), ready=False)
     assert booting["ready"] is False and booting["status"] == "running"

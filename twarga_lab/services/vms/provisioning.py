@@ -20,11 +20,19 @@ from sqlalchemy.orm import Session
 
 from twarga_lab.db import Database
 from twarga_lab.db.models import VM, VMStatus
-from twarga_lab.errors import QuotaExceeded
+from twarga_lab.errors import BackendError, QuotaExceeded
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.users import LIVE_STATUSES, lock_user
 from twarga_lab.services.vms.quota import CreateRequest
-from twarga_lab.virt.domain import SYSLOG_CHANNEL, ChannelSpec, DiskSpec, DomainSpec, UserNetSpec
+from twarga_lab.virt.domain import (
+    CONTROL_CHANNEL,
+    SYSLOG_CHANNEL,
+    ChannelSpec,
+    DiskSpec,
+    DomainSpec,
+    SegmentNICSpec,
+    UserNetSpec,
+)
 from twarga_lab.virt.images import (
     FileOwner,
     Image,
@@ -34,6 +42,7 @@ from twarga_lab.virt.images import (
     secure_instance_dir,
 )
 from twarga_lab.virt.seed import build_tiny_seed, generate_host_key, generate_password, sha512_crypt
+from twarga_lab.virt.switch import start_switch
 
 if TYPE_CHECKING:
     from twarga_lab.services.vms.settings import VMServiceConfig
@@ -148,6 +157,48 @@ class Provisioner:
         """Remove a VM's instance folder, if there is one."""
         shutil.rmtree(self.instance_dir(domain_name), True)
 
+    # -- lab networks -------------------------------------------------------------------
+
+    def lab_dir(self, lab_id: int) -> Path:
+        """A lab's own files: the key its checks log in with."""
+        return self.config.vms_dir / "labs" / str(lab_id)
+
+    def switch_dir(self, network_id: int) -> Path:
+        """The UNIX socket folder of a lab network's switch. Short on purpose: a socket's
+        path may have 107 bytes at most, and ``vde_switch`` adds its own names below."""
+        return self.config.vms_dir / "sw" / str(network_id)
+
+    def lab_check_key(self, vm: VM) -> str | None:
+        """The public key a lab's checks log in with (None for VMs outside labs)."""
+        if vm.lab_id is None:
+            return None
+        try:
+            return (self.lab_dir(vm.lab_id) / "check_key.pub").read_text().strip() or None
+        except OSError:
+            return None
+
+    def segments(self, vm: VM) -> tuple[SegmentNICSpec, ...]:
+        """The VM's ports on its lab's switches (PCI slots after the user-mode NIC's)."""
+        if vm.lab_id is None:
+            return ()
+        return tuple(
+            SegmentNICSpec(switch=self.switch_dir(nic.network_id), mac=nic.mac, pci_slot=10 + index)
+            for index, nic in enumerate(vm.nics)
+        )
+
+    def ensure_switches(self, vm: VM) -> None:
+        """Start the switch of every lab network the VM is on (each at most once)."""
+        if not self.config.runs_guests or vm.lab_id is None:
+            return  # libvirt's test driver runs no QEMU to plug into a switch
+        for nic in vm.nics:
+            folder = self.switch_dir(nic.network_id)
+            if len(str(folder / "ctl")) > 100:
+                raise BackendError(
+                    f"the lab switch socket {folder} is too long for a UNIX socket: "
+                    "choose a shorter vms_dir"
+                )
+            start_switch(folder, owner=self.file_owner)
+
     def domain_spec(self, vm: VM, owner: str) -> DomainSpec:
         """The libvirt domain for a VM row (rebuilt at every start, so edits apply)."""
         assert vm.domain_name is not None
@@ -173,6 +224,9 @@ class Provisioner:
                 DiskSpec(path=folder / TINY_SEED, target="vdb", format="raw", readonly=True)
             )
             channels = (ChannelSpec(SYSLOG_CHANNEL),)  # libvirt picks the socket's path
+            if vm.lab_id is not None and vm.nics:
+                # Bans inside a lab are enforced by the guest: the service writes them here.
+                channels = (*channels, ChannelSpec(CONTROL_CHANNEL))
         elif image.kernel is not None:
             cmdline = image.cmdline  # a disk image with its own kernel (debian/12)
         if image.cloud_init:
@@ -188,6 +242,7 @@ class Provisioner:
             disks=tuple(disks),
             console_log=folder / "console.log",
             network=UserNetSpec(ssh_host_port=vm.ssh_port),
+            segments=self.segments(vm),
             channels=channels,
             owner=owner,
             vm_id=vm.id,
@@ -213,13 +268,15 @@ class Provisioner:
                     folder / "seed.iso",
                     instance_id=vm.domain_name,
                     hostname=vm.name,
-                    ssh_keys=[owner.ssh_public_key] if owner.ssh_public_key else [],
+                    ssh_keys=self.authorized_keys(vm),
                     user=image.default_user or "twarga",
                     password_hash=sha512_crypt(vm.root_password) if vm.root_password else None,
                     syslog_channel=SYSLOG_CHANNEL,
+                    segments=self.segment_addresses(vm),
                 )
             self.ensure_tiny_seed(vm, image)
             self.secure(folder)
+            self.ensure_switches(vm)
             return spec
 
     def spec_for_start(self, vm_id: int) -> DomainSpec:
@@ -231,6 +288,7 @@ class Provisioner:
             spec = self.domain_spec(vm, vm.owner.name)
             self.ensure_tiny_seed(vm, self.images.get(vm.image))  # VMs older than seeds
             self.secure(self.instance_dir(spec.name))  # and VMs older than this check
+            self.ensure_switches(vm)
             return spec
 
     def secure(self, folder: Path) -> None:
@@ -249,20 +307,32 @@ class Provisioner:
         seed = folder / TINY_SEED
         if image.kind != "kernel" or seed.exists():
             return
-        key = vm.owner.ssh_public_key
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="twarga-hostkey-") as tmp:
             private = Path(tmp) / "host_key"
             public = generate_host_key(private)
             build_tiny_seed(
                 seed,
-                authorized_keys=[key] if key else [],
+                authorized_keys=self.authorized_keys(vm),
                 root_password_hash=sha512_crypt(vm.root_password) if vm.root_password else None,
                 host_key=private,
+                segments=self.segment_addresses(vm),
             )
         partial = folder / f".{HOST_KEY_PUB}.tmp"
         partial.write_text(public + "\n")
         os.replace(partial, folder / HOST_KEY_PUB)
+
+    def authorized_keys(self, vm: VM) -> list[str]:
+        """The owner's key, and a lab VM's check key (the service's checks log in with it)."""
+        keys = [vm.owner.ssh_public_key, self.lab_check_key(vm)]
+        return [key for key in keys if key]
+
+    @staticmethod
+    def segment_addresses(vm: VM) -> list[tuple[str, str]]:
+        """(MAC, address/prefix) of each of the VM's lab ports, for its seed."""
+        if vm.lab_id is None:
+            return []
+        return [(nic.mac, f"{nic.address}/{nic.prefix}") for nic in vm.nics]
 
     def host_key(self, domain_name: str) -> str | None:
         """The public SSH host key of a kernel-image VM (None for VMs older than this)."""

@@ -82,6 +82,7 @@ class VMService(LoggingConfigurable):
         vms_dir: Path,
         domain_type: str,
         domain_prefix: str,
+        runs_guests: bool = True,
         **kwargs: Any,
     ) -> None:
         """``vms_dir`` (instance folders below it), ``domain_type`` (``qemu`` or ``kvm``,
@@ -107,6 +108,7 @@ class VMService(LoggingConfigurable):
                 min_disk_gb=self.min_disk_gb,
                 max_disk_gb=self.max_disk_gb,
             ),
+            runs_guests=runs_guests,
         )
         # Bills the last seconds of a VM that stops (the app sets it; tests may leave it).
         self.billing: CreditService | None = None

@@ -22,6 +22,8 @@ class VMServiceConfig:
     ssh_port_min: int
     ssh_port_max: int
     bounds: VMBounds
+    # False on libvirt's test driver: no QEMU runs, so no lab switch is started for it.
+    runs_guests: bool = True
 
     @property
     def instances_dir(self) -> Path:

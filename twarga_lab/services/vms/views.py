@@ -80,6 +80,13 @@ def vm_to_json(
         "uptime": uptime_seconds(vm, now),
         "ready": vm.status is VMStatus.running if ready is None else ready,
         "idle_stop_at": idle_stop_at(vm),
+        # A lab's VM: its lab, the template's machine it is, its private addresses.
+        "lab_id": vm.lab_id,
+        "lab_name": vm.lab.name if vm.lab_id is not None and vm.lab is not None else None,
+        "lab_machine": vm.lab_machine,
+        "addresses": (
+            {nic.network.name: nic.address for nic in vm.nics} if vm.lab_id is not None else {}
+        ),
     }
 
 
