@@ -66,9 +66,10 @@ def jp_server_cleanup() -> None:
 class LabServer:
     """A personal-mode ``jupyter lab`` subprocess that can be stopped and started again."""
 
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(self, root: Path, port: int, extra_args: tuple[str, ...] = ()) -> None:
         self.root = root
         self.port = port
+        self.extra_args = extra_args
         self.url = f"http://127.0.0.1:{port}/"
         self.log_path = root / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -100,6 +101,7 @@ class LabServer:
             f"--TwargaLabApp.vms_dir={self.root / 'vms'}",
             f"--TwargaLabApp.db_url=sqlite:///{self.root / 'vms' / 'twarga.db'}",
             f"--TwargaLabApp.images_dir={self.root / 'images'}",
+            *self.extra_args,
         ]
 
     def start(self) -> None:
@@ -151,9 +153,9 @@ class LabServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start_server(root: Path) -> LabServer:
+def start_server(root: Path, extra_args: tuple[str, ...] = ()) -> LabServer:
     """A started server whose Jupyter root holds twarga-lab/Dashboard.ipynb (and no other)."""
-    server = LabServer(root, free_port())
+    server = LabServer(root, free_port(), extra_args)
     home = root / "home" / "twarga-lab"
     home.mkdir(parents=True)
     notebook = {
@@ -451,7 +453,7 @@ def test_launcher_opens_notebooks_and_reports_missing_ones(page: Any) -> None:
         has=page.locator(".jp-Launcher-sectionTitle", has_text="Twarga Lab")
     )
     expect(section.locator(".jp-LauncherCard")).to_have_text(
-        ["Dashboard", "Monitor", "SOC", "Admin", "Python API"]
+        ["New Lab", "Dashboard", "Monitor", "SOC", "Admin", "Python API"]
     )
     shot(page, "launcher")
 
@@ -491,3 +493,88 @@ def test_panel_reports_an_outage_and_recovers(
     if close.count():
         close.first.click()
     shot(page, "outage-recovered")
+
+
+def test_a_lab_shows_grouped_with_its_networks_and_segment_addresses(
+    browser: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # A server of its own: the lab's VMs count against the same quota as the other tests'.
+    # The shipped attack-defend template's machines have 128 MB.
+    server = start_server(tmp_path, ("--TwargaLabApp.min_ram_mb=64",))
+    request.addfinalizer(server.stop)
+    create_vm(server, "solo")
+    reply = server.api(
+        "POST", "twarga/api/labs", json={"template": "attack-defend", "name": "mine"}
+    )
+    assert reply.status_code == 201, reply.text
+    made = reply.json()
+    addresses = {vm["name"]: vm["addresses"]["lan"] for vm in made["vms"]}
+    assert sorted(addresses.values()) == ["10.77.0.11", "10.77.0.12"]
+
+    page = open_lab(browser, server, request)
+    panel = open_panel(page)
+    group = panel.locator('.twarga-lab[data-lab-name="mine"]')
+    expect(group.locator(".twarga-lab-name")).to_have_text("mine")
+    expect(group.locator(".twarga-lab-template")).to_have_text("template attack-defend")
+    expect(group.locator(".twarga-lab-networks")).to_have_text("networks lan 10.77.0.0/24")
+    expect(group.locator(".twarga-lab-status")).to_have_text("running")
+    members = group.locator(".twarga-lab-vms .twarga-vm")
+    expect(members.locator(".twarga-vm-name")).to_have_text(list(addresses))
+    expect(members.locator(".twarga-vm-addresses")).to_have_text(
+        [f"lan {address}" for address in addresses.values()]
+    )
+    expect(members.locator(".twarga-vm-status")).to_have_text(["running", "running"])
+    # The plain VM stays in the plain list, without addresses.
+    plain = panel.locator(".twarga-vm-list > .twarga-vm")
+    expect(plain.locator(".twarga-vm-name")).to_have_text(["solo"])
+    expect(plain.locator(".twarga-vm-addresses")).to_be_hidden()
+    shot(page, "lab-grouped")
+
+    # The lab's buttons act on all its VMs.
+    group.locator('[data-lab-action="stop"]').click()
+    expect(group.locator(".twarga-lab-status")).to_have_text("stopped")
+    expect(members.locator(".twarga-vm-status")).to_have_text(["stopped", "stopped"])
+    assert server.api("GET", f"twarga/api/labs/{made['id']}").json()["status"] == "stopped"
+    expect(plain.locator(".twarga-vm-status")).to_have_text(["running"])
+
+    # "New Lab" on the launcher: the templates, the service's refusal, then a lab.
+    page.evaluate("() => window.jupyterapp.commands.execute('launcher:create')")
+    launcher = page.locator(".jp-Launcher:visible .jp-Launcher-section").filter(
+        has=page.locator(".jp-Launcher-sectionTitle", has_text="Twarga Lab")
+    )
+    launcher.locator(".jp-LauncherCard", has_text="New Lab").click()
+    dialog = page.locator(".jp-Dialog")
+    templates = dialog.locator(".twarga-newlab-template-name")
+    expect(templates).to_have_text(["attack-defend", "web-db"])
+    name = dialog.locator('input[name="lab-name"]')
+    expect(name).to_have_value("attack-defend")
+    name.fill("mine")
+    dialog.get_by_role("button", name="Create lab").click()
+    expect(dialog.locator(".twarga-newlab-error")).to_have_text(
+        re.compile(r"already has a lab named 'mine'$")
+    )
+    shot(page, "lab-new-refused")
+    name.fill("other")
+    dialog.get_by_role("button", name="Create lab").click()
+    expect(dialog).to_have_count(0)
+    other = panel.locator('.twarga-lab[data-lab-name="other"]')
+    expect(other.locator(".twarga-lab-status")).to_have_text("running")
+    expect(other.locator(".twarga-vm-addresses")).to_have_text(["lan 10.77.0.11", "lan 10.77.0.12"])
+    shot(page, "lab-new-made")
+
+    # Destroy asks first, then the lab and its VMs are gone.
+    group.locator('[data-lab-action="destroy"]').click()
+    confirm = page.locator(".jp-Dialog")
+    expect(confirm).to_contain_text("Destroy lab mine?")
+    confirm.get_by_role("button", name="Destroy").click()
+    expect(group).to_have_count(0)
+    expect(panel.locator(".twarga-lab")).to_have_count(1)
+    deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
+    while True:
+        labs = [lab["name"] for lab in server.api("GET", "twarga/api/labs").json()]
+        vms = [vm["name"] for vm in server.api("GET", "twarga/api/vms").json()]
+        if labs == ["other"] and not any(vm.startswith("mine-") for vm in vms):
+            break
+        assert time.monotonic() < deadline, f"lab mine is not gone: labs {labs}, VMs {vms}"
+        time.sleep(0.2)  # poll interval while the lab's VMs are destroyed, under a deadline
+    assert "solo" in vms
