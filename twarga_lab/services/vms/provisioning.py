@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,7 @@ from twarga_lab.virt.images import (
     secure_instance_dir,
 )
 from twarga_lab.virt.seed import build_tiny_seed, generate_host_key, generate_password, sha512_crypt
-from twarga_lab.virt.switch import start_switch
+from twarga_lab.virt.switch import MAX_FOLDER_BYTES, start_switch
 
 if TYPE_CHECKING:
     from twarga_lab.services.vms.settings import VMServiceConfig
@@ -79,6 +80,7 @@ class Provisioner:
         self.config = config
         # Instance folders and files belong to the account libvirt runs QEMU as, 0700/0600.
         self.file_owner = file_owner
+        self._switch_lock = threading.Lock()
 
     # -- the row ----------------------------------------------------------------------
 
@@ -190,9 +192,15 @@ class Provisioner:
         """Start the switch of every lab network the VM is on (each at most once)."""
         if not self.config.runs_guests or vm.lab_id is None:
             return  # libvirt's test driver runs no QEMU to plug into a switch
+        # A lab's VMs are built in parallel threads: one start per switch at a time, or two
+        # would clear each other's socket and pid file.
+        with self._switch_lock:
+            self._start_switches(vm)
+
+    def _start_switches(self, vm: VM) -> None:
         for nic in vm.nics:
             folder = self.switch_dir(nic.network_id)
-            if len(str(folder / "ctl")) > 100:
+            if len(os.fsencode(str(folder))) > MAX_FOLDER_BYTES:
                 raise BackendError(
                     f"the lab switch socket {folder} is too long for a UNIX socket: "
                     "choose a shorter vms_dir"
