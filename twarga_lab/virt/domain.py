@@ -31,6 +31,11 @@ MAC_RE = re.compile(r"52:54:00(:[0-9a-f]{2}){3}")
 #: NICs always have one, never this one).
 USER_NET_MAC = "52:54:00:12:34:56"
 DOMAIN_TYPES = ("qemu", "kvm", "test")
+#: Names of Twarga's metadata attributes (XML names without a namespace prefix).
+METADATA_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+# What XML 1.0 cannot carry (C0 controls but tab, LF and CR; U+FFFE, U+FFFF; surrogates,
+# which also never encode to UTF-8 for libvirt), and CR, which a parser reads back as LF.
+_NOT_XML_TEXT = re.compile("[\x00-\x08\x0b-\x1f\ud800-\udfff\ufffe\uffff]")
 
 ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace("twarga", TWARGA_NS)
@@ -48,6 +53,7 @@ class DiskSpec:
     readonly: bool = False
 
     def __post_init__(self) -> None:
+        check_xml_text(self.path, "disk path")
         if not DISK_TARGET_RE.fullmatch(self.target):
             raise ValueError(f"bad disk target {self.target!r}")
         if self.device not in ("disk", "cdrom"):
@@ -72,6 +78,8 @@ class ChannelSpec:
     def __post_init__(self) -> None:
         if not CHANNEL_NAME_RE.fullmatch(self.name):
             raise ValueError(f"bad channel name {self.name!r}")
+        if self.path is not None:
+            check_xml_text(self.path, "channel socket path")
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,7 @@ class SegmentNICSpec:
         # A comma would start another QEMU option; the folder is one argv word's value.
         if not Path(self.switch).is_absolute() or any(c in text for c in ",\x00\n\r"):
             raise ValueError(f"bad switch socket folder {text!r}")
+        check_xml_text(text, "switch socket folder")
         if (
             not isinstance(self.mac, str)
             or not MAC_RE.fullmatch(self.mac)
@@ -177,6 +186,18 @@ class DomainSpec:
             raise ValueError(f"bad vCPU count {self.vcpus!r}")
         if self.initrd is not None and self.kernel is None:
             raise ValueError("an initrd needs a kernel")
+        for what, value in (("UUID", self.uuid), ("kernel", self.kernel),
+                            ("initrd", self.initrd), ("console log", self.console_log),
+                            ("owner", self.owner)):  # fmt: skip
+            if value is not None:
+                check_xml_text(value, what)
+        for key, value in self.metadata.items():
+            # A key is an attribute's name: ``a="1" b`` would add an attribute of its own.
+            if not isinstance(key, str) or not METADATA_KEY_RE.fullmatch(key):
+                raise ValueError(f"bad metadata key {key!r}")
+            if not isinstance(value, str):
+                raise ValueError(f"bad metadata value {value!r} of {key!r}: text only")
+            check_xml_text(value, f"metadata value of {key!r}")
         for key, value in self.cmdline:
             if not CMDLINE_KEY_RE.fullmatch(key) or not CMDLINE_VALUE_RE.fullmatch(value):
                 raise ValueError(f"bad kernel argument {key!r}={value!r}")
@@ -195,6 +216,12 @@ class DomainSpec:
     def kernel_cmdline(self) -> str:
         """The kernel command line, ``key=value`` words joined by spaces."""
         return " ".join(f"{k}={v}" if v else k for k, v in self.cmdline)
+
+
+def check_xml_text(value: object, what: str) -> None:
+    """ValueError unless ``value`` (a path or text) reaches the XML and back unchanged."""
+    if _NOT_XML_TEXT.search(str(value)):
+        raise ValueError(f"bad {what} {str(value)!r}: control characters are refused")
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
