@@ -4,6 +4,7 @@ registers it and a test walks it to check authentication and ownership."""
 from __future__ import annotations
 
 from twarga_lab.handlers import admin, console, images, labs, me, metrics, snapshots, soc, vms
+from twarga_lab.handlers import openapi as openapi_doc
 
 ROUTES = [
     *me.default_handlers,
@@ -15,6 +16,7 @@ ROUTES = [
     *metrics.default_handlers,
     *soc.default_handlers,
     *labs.default_handlers,
+    *openapi_doc.default_handlers,
 ]
 
 __all__ = ["ROUTES"]
