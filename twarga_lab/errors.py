@@ -89,6 +89,14 @@ class BackendUnavailable(TwargaError):
     default_reason = "backend_unavailable"
 
 
+class DatabaseUnavailable(TwargaError):
+    """The database cannot be reached right now (a PostgreSQL restart, a dropped
+    connection): try again shortly. The service reconnects by itself."""
+
+    status_code = 503
+    default_reason = "database_unavailable"
+
+
 class BackendError(TwargaError):
     """The hypervisor refused an operation for a reason we did not foresee."""
 

@@ -13,9 +13,10 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from twarga_lab.errors import DatabaseOutdated
+from twarga_lab.errors import DatabaseOutdated, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,31 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args=connect_args, **kwargs)
         event.listen(engine, "connect", _on_sqlite_connect)
         return engine
+    if url.startswith("postgresql") and "connect_timeout" not in url:
+        # A server that does not answer (rather than refusing) fails a request in
+        # seconds, not after the kernel's TCP timeout.
+        kwargs.setdefault("connect_args", {"connect_timeout": CONNECT_TIMEOUT})
+    # pool_pre_ping: a pooled connection a database restart closed is replaced, not used.
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+#: Seconds a new PostgreSQL connection may take before the request gets a 503.
+CONNECT_TIMEOUT = 5
+
+
+def unavailable(error: BaseException) -> DatabaseUnavailable | None:
+    """The 503 to answer for ``error`` when it says the database server cannot be
+    reached (refused, shut down, the connection dropped), else None. SQLite has no
+    server: its errors are left as they are."""
+    if not isinstance(error, DBAPIError):
+        return None
+    if type(error.orig).__module__.startswith("sqlite3"):
+        return None
+    if not (error.connection_invalidated or isinstance(error, OperationalError)):
+        return None
+    return DatabaseUnavailable(
+        "the database is unavailable right now; try again in a moment", "database_unavailable"
+    )
 
 
 def alembic_config(url: str) -> AlembicConfig:
@@ -110,13 +135,17 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One session for one service operation: committed on success, rolled back on error."""
+        """One session for one service operation: committed on success, rolled back on
+        error; DatabaseUnavailable (503) when the database server cannot be reached."""
         session = self._sessions()
         try:
             yield session
             session.commit()
-        except BaseException:
+        except BaseException as error:
             session.rollback()
+            down = unavailable(error)
+            if down is not None:
+                raise down from error
             raise
         finally:
             session.close()

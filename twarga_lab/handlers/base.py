@@ -10,6 +10,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
+from twarga_lab.db.session import unavailable
 from twarga_lab.errors import (
     InvalidRequest,
     PayloadTooLarge,
@@ -98,6 +99,8 @@ class TwargaAPIHandler(ScrubbedLogMixin, ExtensionHandlerMixin, APIHandler):
         """Every error is JSON ``{"message", "reason"}``; domain errors pick the status."""
         exc_info = kwargs.get("exc_info")
         error = exc_info[1] if exc_info else None
+        if error is not None:  # a database that is down, also outside Database.session
+            error = unavailable(error) or error
         if isinstance(error, TwargaError):
             self.set_status(error.status_code)
             body: dict[str, Any] = {"message": error.message, "reason": error.reason}
@@ -122,6 +125,7 @@ class TwargaAPIHandler(ScrubbedLogMixin, ExtensionHandlerMixin, APIHandler):
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # A domain error is an answer, not a crash: no traceback in the log.
+        value = unavailable(value) or value
         if isinstance(value, TwargaError):
             self.log.info(
                 "%s %s: %s (%s)",
