@@ -532,6 +532,7 @@ class TwargaLabApp(ExtensionApp):
         if self.services is not None:
             await self.services.vms.start_up()
             await self.services.syslog.start()
+            await self.services.labs.start()
             self.services.meter.start()
             if self.services.idle is not None:
                 self.services.idle.start()
@@ -542,6 +543,7 @@ class TwargaLabApp(ExtensionApp):
         if self.services is None:
             return
         await self.services.meter.stop()
+        await self.services.labs.stop()
         if self.services.idle is not None:
             await self.services.idle.stop()
         await self.settings["twarga_lab_consoles"].shutdown()

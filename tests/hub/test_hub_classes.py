@@ -5,6 +5,7 @@ all copies, grades them, and may not deploy to a group they do not teach."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import uuid
@@ -114,6 +115,23 @@ def test_an_instructor_deploys_to_a_group_and_grades_every_copy(hub, people):
     rows = graded.json()["labs"]
     assert sorted(r["owner"] for r in rows) == students
     assert all(r["max_score"] > 0 and r["score"] == 0 for r in rows)
+
+    # The teacher's Grading notebook, run headless with nbclient against the real Hub,
+    # writes one row per student and a chart.
+    import csv
+
+    from tests.unit.test_grading_notebook import grading, run
+
+    work = hub.workdir / "grading"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWARGA_", "JUPYTERHUB_"))}
+    env |= {"TWARGA_URL": f"{hub.url}/services/twarga/", "TWARGA_TOKEN": people["teacher"]}
+    run(grading(), work, env, deployment_id=deployment["id"], output_dir=str(work / "out"))
+    with open(work / "out" / "grades.csv", newline="") as table:
+        grades = list(csv.DictReader(table))
+    assert sorted(row["student"] for row in grades) == students
+    assert all(float(row["max_score"]) == 2 for row in grades)
+    assert (work / "out" / "grades.svg").read_text().lstrip().startswith(("<svg", "<?xml"))
 
     # The teacher may not deploy to a group they are not in.
     elsewhere = f"other-{uuid.uuid4().hex[:6]}"

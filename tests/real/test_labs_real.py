@@ -142,6 +142,20 @@ async def test_a_real_lab_on_its_own_segment(api, twarga, cleanup_domains, tmp_p
     assert code == 0 and "owner-ok" in out, out
     assert re.search(rf"from {re.escape(ATTACKER)}\b.*prohibit", out), out
 
+    # When the ban ends (here: the clock moved past it) the guest accepts the attacker again:
+    # the next wrong password is refused by the target's SSH server, not by its kernel.
+    from datetime import timedelta
+
+    from twarga_lab.db.models import utcnow
+
+    later = utcnow() + timedelta(seconds=critical["details"]["bantime"] + 1)
+    lifted = await asyncio.to_thread(twarga.services.labs.sweep_bans, later)
+    assert lifted == [(vms["target"]["id"], ATTACKER)]
+    code, out = await ssh(attacker_port, key, timed)
+    assert "rc=0" not in out and not re.search(r"No route to host", out, re.I), out
+    code, out = await ssh(target_port, key, "ip rule")
+    assert ATTACKER not in out, out
+
     # Destroying the lab removes its VMs and stops its switch.
     started = time.monotonic()
     assert (await api("DELETE", f"labs/{lab_id}")).status == 204

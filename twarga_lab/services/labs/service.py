@@ -13,8 +13,11 @@ checks, bans and deployments) because every step needs the same rows and locks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import shutil
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,12 +27,23 @@ from traitlets import Float, Int, Unicode
 from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
-from twarga_lab.db.models import VM, Deployment, Lab, LabNetwork, LabNIC, User, VMStatus, utcnow
+from twarga_lab.db.models import (
+    VM,
+    Ban,
+    Deployment,
+    Lab,
+    LabNetwork,
+    LabNIC,
+    User,
+    VMStatus,
+    utcnow,
+)
 from twarga_lab.errors import Conflict, Forbidden, NotFound, QuotaExceeded, TwargaError
 from twarga_lab.labs import SHIPPED_TEMPLATES
 from twarga_lab.labs.template import LabTemplate, TemplateCatalogue, parse_template
 from twarga_lab.schemas import CreateDeployment, CreateLab, CreateVM
 from twarga_lab.services import Identity
+from twarga_lab.services.bans import active_ban
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.labs.checks import CheckTarget, make_check_key, run_check
 from twarga_lab.services.users import LIVE_STATUSES, UserService, lock_user
@@ -89,6 +103,9 @@ class LabService(LoggingConfigurable):
         help="The Hub group of instructors (the Hub config gives it the 'instructor' role): "
         "its members deploy labs to, see and grade the other groups they belong to.",
     ).tag(config=True)
+    ban_sweep_interval = Float(
+        15.0, help="Seconds between lifting, inside lab VMs, the SSH bans that have ended."
+    ).tag(config=True)
     check_timeout = Float(
         60.0, help="Most seconds one lab check may run before it counts as failed."
     ).tag(config=True)
@@ -108,8 +125,11 @@ class LabService(LoggingConfigurable):
         self.images = images
         folder = Path(self.lab_templates_dir).resolve() if self.lab_templates_dir else None
         self.catalogue = TemplateCatalogue(folder or SHIPPED_TEMPLATES)
-        # Under a Hub: group members and roles (``HubUserDirectory``); None in personal mode.
+        # Under a Hub: group members (``HubUserDirectory``); None in personal mode.
         self.hub: Any = None
+        # Bans pushed into guests, (vm id, source): lifted by the sweep when they end.
+        self._pushed: set[tuple[int, str]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -597,12 +617,16 @@ class LabService(LoggingConfigurable):
 
     # -- bans inside labs -------------------------------------------------------------
 
-    def enforce_ban(self, vm_id: int, source: str, ban: bool = True) -> bool:
+    def enforce_ban(self, vm_id: int, source: str) -> bool:
         """Push a ban of ``source`` into lab VM ``vm_id`` (blocking; from the SOC's worker
         thread): only for an address of the VM's own lab segments, and only where the guest
-        has a control port. True once the guest's control port took the line."""
-        import ipaddress
+        has a control port. True once the guest acknowledged it."""
+        pushed = self._push(vm_id, source, ban=True)
+        if pushed:
+            self._pushed.add((vm_id, source))
+        return pushed
 
+    def _push(self, vm_id: int, source: str, *, ban: bool) -> bool:
         from twarga_lab.virt.domain import CONTROL_CHANNEL, channel_socket_path
         from twarga_lab.virt.guest_control import send_control_line
 
@@ -612,18 +636,78 @@ class LabService(LoggingConfigurable):
             return False
         with self.db.session() as session:
             vm = session.get(VM, vm_id)
-            if vm is None or vm.lab is None or vm.status is not VMStatus.running:
+            if vm is None or vm.lab_id is None or vm.status is not VMStatus.running:
                 return False
             cidrs = [ipaddress.IPv4Network(nic.network.cidr) for nic in vm.nics]
             domain = vm.domain_name
         if domain is None or not any(address in cidr for cidr in cidrs):
             return False  # an address from outside the lab is not the guest's to refuse
+        verb = "ban" if ban else "unban"
         try:
             path = channel_socket_path(self.vms.backend.domain_xml(domain), CONTROL_CHANNEL)
             if path is None:
                 return False
-            send_control_line(path, f"{'ban' if ban else 'unban'} {address}")
-        except (OSError, TwargaError) as e:
-            self.log.warning("could not push the ban of %s into VM %s: %s", source, vm_id, e)
+            send_control_line(path, f"{verb} {address}")
+        except (OSError, ValueError, TwargaError) as e:
+            self.log.warning("could not %s %s in VM %s: %s", verb, source, vm_id, e)
             return False
         return True
+
+    def track_bans(self) -> int:
+        """After a restart: the bans in force on running lab VMs are the guests' still, so
+        the sweep must lift them when they end. Returns how many are tracked."""
+        with self.db.session() as session:
+            running = session.scalars(
+                select(VM.id).where(VM.lab_id.is_not(None), VM.status == VMStatus.running)
+            ).all()
+            scopes = {f"vm:{vm_id}": vm_id for vm_id in running}
+            bans = session.execute(select(Ban.scope, Ban.source).where(Ban.scope.in_(scopes))).all()
+        rows = [(scopes[scope], source) for scope, source in bans]
+        self._pushed.update((vm_id, source) for vm_id, source in rows)
+        return len(rows)
+
+    def sweep_bans(self, now: datetime | None = None) -> list[tuple[int, str]]:
+        """Lift, inside the guests, the lab bans that have ended; returns those lifted."""
+        lifted = []
+        for vm_id, source in sorted(self._pushed):
+            with self.db.session() as session:
+                if active_ban(session, f"vm:{vm_id}", source, now) is not None:
+                    continue
+                vm = session.get(VM, vm_id)
+                running = vm is not None and vm.status is VMStatus.running
+            if running and not self._push(vm_id, source, ban=False):
+                continue  # the guest did not answer: try again at the next sweep
+            self._pushed.discard((vm_id, source))
+            if running:
+                lifted.append((vm_id, source))
+                with self.db.session() as session:
+                    vm = session.get(VM, vm_id)
+                    assert vm is not None
+                    record_event(
+                        session, EventType.security, Severity.info,
+                        f"ban of {source} on {vm.name} ended: the VM accepts it again",
+                        user_name=vm.owner.name, vm_id=vm_id, source=source,
+                        action="ban_lifted", enforced=True,
+                    )  # fmt: skip
+        return lifted
+
+    async def start(self) -> None:
+        """Track the bans guests hold and lift them as they end, every ``ban_sweep_interval``."""
+        await self._run(self.track_bans)
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.ban_sweep_interval)
+                try:
+                    await self._run(self.sweep_bans)
+                except Exception:  # a failed sweep must not end the loop
+                    self.log.exception("lifting ended lab bans failed")
+
+        self._sweeper = asyncio.get_running_loop().create_task(loop())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
