@@ -357,6 +357,7 @@ class TwargaLabApp(ExtensionApp):
         VMConsoleManager,
         SnapshotService,
         IdleStopper,
+        LabService,
     ]
 
     services: Services | None = None
