@@ -12,6 +12,10 @@ from twarga_lab.errors import ValidationFailed
 from twarga_lab.schemas.base import UNSET, Request, Unset, wire
 from twarga_lab.services.users import MILLI
 
+# Credits one grant may move: the ledger keeps thousandths in 64-bit integers
+# (a float like 1e300 would overflow them, and -1.8e308 * 1000 is infinite).
+MAX_GRANT = 1_000_000_000
+
 
 @dataclass(frozen=True)
 class GrantCredits(Request):
@@ -33,12 +37,19 @@ class GrantCredits(Request):
 
     @classmethod
     def from_body(cls, body: Any) -> Self:
-        """400 for a body of the wrong shape; 422 for a blank reason (``missing_reason``)
-        or an amount that is zero at the ledger's precision or not finite."""
+        """400 for a body of the wrong shape; 422 for a blank reason (``missing_reason``),
+        an amount beyond ``MAX_GRANT`` either way (``out_of_range``) or one that is zero at
+        the ledger's precision or not finite (``invalid_amount``)."""
         checked = cls.checked_body(body)
         reason, amount = checked["reason"], checked["amount"]
         if not reason.strip():
             raise ValidationFailed("a reason is required", field="reason", reason="missing_reason")
+        if math.isfinite(amount) and abs(amount) > MAX_GRANT:
+            raise ValidationFailed(
+                f"amount may be at most {MAX_GRANT:,} credits either way",
+                field="amount",
+                reason="out_of_range",
+            )
         if not math.isfinite(amount) or round(amount * MILLI) == 0:
             raise ValidationFailed(
                 "amount must be a non-zero number", field="amount", reason="invalid_amount"
