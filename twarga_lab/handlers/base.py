@@ -13,11 +13,12 @@ from tornado import web
 from twarga_lab.db.session import unavailable
 from twarga_lab.errors import (
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
     TwargaError,
     Unauthorized,
 )
-from twarga_lab.schemas import Request
+from twarga_lab.schemas import MAX_INT, Request
 from twarga_lab.services import Identity
 
 if TYPE_CHECKING:  # app imports the handlers: a runtime import would be a circle
@@ -59,6 +60,10 @@ class TwargaAPIHandler(ScrubbedLogMixin, ExtensionHandlerMixin, APIHandler):
             raise PayloadTooLarge(
                 f"the request body may be at most {limit} bytes", "body_too_large"
             )
+        for name, value in self.path_kwargs.items():
+            # An id past the database's integers names nothing: 404, not a driver overflow.
+            if name.endswith("_id") and value.isdigit() and int(value) > MAX_INT:
+                raise NotFound(f"{name.removesuffix('_id')} {value} does not exist", "not_found")
 
     @property
     def services(self) -> Services:

@@ -26,6 +26,7 @@ from tornado import web, websocket
 
 from twarga_lab.errors import TwargaError
 from twarga_lab.handlers.base import ScrubbedLogMixin
+from twarga_lab.schemas import MAX_INT
 from twarga_lab.services import Identity
 from twarga_lab.services.consoles import (
     ConsoleGone,
@@ -111,6 +112,8 @@ class VMConsoleSocket(ScrubbedLogMixin, WebSocketMixin, JupyterHandler, websocke
         )
         if not allowed:
             raise web.HTTPError(403, "not allowed to open consoles")
+        if int(vm_id) > MAX_INT:  # past the database's integers: no such VM
+            raise web.HTTPError(404, f"VM {vm_id} does not exist", reason="not_found")
         self.identity = await self.services.identify(self.current_user)
         try:
             self.target = await self.services.consoles.authorize(self.identity, int(vm_id))

@@ -40,7 +40,8 @@ class EventsExportHandler(TwargaAPIHandler):
         async for chunk in self.services.soc.export(self.identity, query, fmt):
             self.write(chunk)
             await self.flush()
-        self.finish()
+        # APIHandler.finish labels the body JSON unless told: an empty export is sent here.
+        self.finish(set_content_type=EXPORTS[fmt])
 
 
 class EventsJSONLinesHandler(EventsExportHandler):

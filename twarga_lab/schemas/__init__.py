@@ -13,7 +13,7 @@ and ``base`` (the machinery).
 """
 
 from twarga_lab.schemas.admin import GrantCredits, SetQuota
-from twarga_lab.schemas.base import UNSET, FieldDoc, Request, Unset, check_types
+from twarga_lab.schemas.base import MAX_INT, UNSET, FieldDoc, Request, Unset, check_types
 from twarga_lab.schemas.labs import CreateDeployment, CreateLab, LabAction
 from twarga_lab.schemas.me import SetSSHKey, validate_ssh_key
 from twarga_lab.schemas.metrics import HistoryQuery, parse_time
@@ -33,6 +33,7 @@ SCHEMAS: tuple[type[Request], ...] = (
 )  # fmt: skip
 
 __all__ = [
+    "MAX_INT",
     "SCHEMAS",
     "UNSET",
     "CloneVM",

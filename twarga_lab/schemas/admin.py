@@ -9,7 +9,7 @@ from types import NoneType
 from typing import Any, ClassVar, Self
 
 from twarga_lab.errors import ValidationFailed
-from twarga_lab.schemas.base import UNSET, Request, Unset, wire
+from twarga_lab.schemas.base import MAX_INT, UNSET, Request, Unset, wire
 from twarga_lab.services.users import MILLI
 
 # Credits one grant may move: the ledger keeps thousandths in 64-bit integers
@@ -93,4 +93,8 @@ class SetQuota(Request):
         for key, value in checked.items():
             if value is not None and value < 0:
                 raise ValidationFailed(f"{key} must be 0 or more", field=key, reason="out_of_range")
+            if value is not None and value > MAX_INT:
+                raise ValidationFailed(
+                    f"{key} must be at most {MAX_INT}", field=key, reason="out_of_range"
+                )
         return cls(**checked)

@@ -48,6 +48,11 @@ class Unset(enum.Enum):
         return "UNSET"
 
 
+# The largest id or limit the database can hold: its INTEGER columns are 32-bit in
+# PostgreSQL (and SQLite's 64-bit ones overflow on anything past 2**63). A larger number
+# is refused (422, or 404 for an id in a path) instead of failing in the driver (500).
+MAX_INT = 2**31 - 1
+
 # A PATCH field the body did not name (``None`` there means "back to the default").
 UNSET = Unset.UNSET
 

@@ -15,7 +15,7 @@ from types import NoneType
 from typing import ClassVar, Self
 
 from twarga_lab.errors import InvalidRequest, ValidationFailed
-from twarga_lab.schemas.base import Request, wire
+from twarga_lab.schemas.base import MAX_INT, Request, wire
 from twarga_lab.services.metrics.catalogue import METRICS, SEED_METRICS
 
 # One request may ask for at most this many points (window / step): a 90-day window with
@@ -113,6 +113,8 @@ class HistoryQuery(Request):
             if not raw_id.isdigit():
                 raise InvalidRequest("'id' must be an integer", "bad_type")
             entity_id = int(raw_id)
+            if entity_id > MAX_INT:
+                raise ValidationFailed(f"id must be at most {MAX_INT}", "id", "out_of_range")
         metric = args.get("metric") or args.get("metric_type")
         if not metric:
             raise InvalidRequest("'metric' is required", "missing_field")

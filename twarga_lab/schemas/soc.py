@@ -9,7 +9,7 @@ from types import NoneType
 from typing import ClassVar, Self
 
 from twarga_lab.errors import InvalidRequest, ValidationFailed
-from twarga_lab.schemas.base import Request, wire
+from twarga_lab.schemas.base import MAX_INT, Request, wire
 from twarga_lab.services.events import EventType, Severity
 
 LIST_LIMIT, LIST_MAX = 100, 1000  # a listing is one page
@@ -66,9 +66,14 @@ class EventQuery(Request):
             if raw is None or raw == "":
                 return None
             try:
-                return int(raw)
+                value = int(raw)
             except ValueError:
                 raise InvalidRequest(f"{name!r} must be an integer", "bad_type") from None
+            if abs(value) > MAX_INT:
+                raise ValidationFailed(
+                    f"{name} must be at most {MAX_INT}", field=name, reason="out_of_range"
+                )
+            return value
 
         limit = max_limit if args.get("limit") == "all" else number("limit")
         limit = default_limit if limit is None else limit
