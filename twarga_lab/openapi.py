@@ -24,6 +24,7 @@ from typing import Any
 
 from twarga_lab.db.models import VMStatus
 from twarga_lab.schemas import (
+    MAX_INT,
     CloneVM,
     CreateDeployment,
     CreateLab,
@@ -576,7 +577,9 @@ def openapi_path(pattern: str) -> tuple[str, list[dict[str, Any]]]:
     for group in _GROUP.finditer(pattern):
         integer = group["regex"] == r"\d+"
         schema: dict[str, Any] = (
-            {"type": "integer", "minimum": 0} if integer else {"type": "string", "minLength": 1}
+            {"type": "integer", "minimum": 0, "maximum": MAX_INT}
+            if integer
+            else {"type": "string", "minLength": 1}
         )
         if not integer:
             schema["pattern"] = "^[^/]+$"
@@ -588,6 +591,8 @@ def openapi_path(pattern: str) -> tuple[str, list[dict[str, Any]]]:
 def _field_schema(doc: FieldDoc, *, query: bool = False) -> dict[str, Any]:
     types = [t for t in doc.types if not (query and t == "null")]
     schema: dict[str, Any] = {"type": types[0] if len(types) == 1 else types}
+    if "integer" in types and "number" not in types:
+        schema["maximum"] = MAX_INT  # the database's integers
     if doc.doc:
         schema["description"] = doc.doc
     if doc.default is not None:

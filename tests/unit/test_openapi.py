@@ -97,7 +97,7 @@ def test_path_parameters_follow_the_patterns(document):
     vm = document["paths"]["/twarga/api/vms/{vm_id}"]["get"]["parameters"]
     assert vm == [
         {"name": "vm_id", "in": "path", "required": True,
-         "schema": {"type": "integer", "minimum": 0}}
+         "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
     ]  # fmt: skip
     snapshot = document["paths"]["/twarga/api/vms/{vm_id}/snapshots/{name}"]["delete"]
     assert [p["name"] for p in snapshot["parameters"]] == ["vm_id", "name"]
