@@ -227,6 +227,23 @@ def rsyslog_forwarding(channel: str) -> str:
     )
 
 
+# A character beyond U+FFFF as JSON writes it: a surrogate pair (after an even number of
+# backslashes, so not the text of an escaped backslash).
+_SURROGATE_PAIR = re.compile(r"(?<!\\)((?:\\\\)*)\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})")
+
+
+def yaml_json(data: object, indent: int | None = None) -> str:
+    """``data`` as JSON that YAML reads back equal: characters beyond U+FFFF (an emoji in
+    a key's comment) as YAML's ``\\U`` escapes, since PyYAML (what cloud-init reads with)
+    takes JSON's surrogate pairs for two lone surrogates."""
+
+    def one_escape(m: re.Match[str]) -> str:
+        code = 0x10000 + ((int(m[2], 16) - 0xD800) << 10) + (int(m[3], 16) - 0xDC00)
+        return f"{m[1]}\\U{code:08x}"
+
+    return _SURROGATE_PAIR.sub(one_escape, json.dumps(data, indent=indent))
+
+
 def build_seed_iso(
     dest: Path,
     *,
@@ -280,11 +297,11 @@ def build_seed_iso(
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
         # JSON is valid YAML; building it from objects keeps keys from injecting directives.
-        (staging / "user-data").write_text("#cloud-config\n" + json.dumps(user_data, indent=1))
-        (staging / "meta-data").write_text(json.dumps(meta_data))
+        (staging / "user-data").write_text("#cloud-config\n" + yaml_json(user_data, indent=1))
+        (staging / "meta-data").write_text(yaml_json(meta_data))
         files = [staging / "user-data", staging / "meta-data"]
         if network_config is not None:
-            (staging / "network-config").write_text(json.dumps(network_config, indent=1))
+            (staging / "network-config").write_text(yaml_json(network_config, indent=1))
             files.append(staging / "network-config")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tool = shutil.which("genisoimage") or shutil.which("mkisofs")
