@@ -41,6 +41,10 @@ from twarga_lab.schemas import (
     UpdateVM,
     VMAction,
 )
+from twarga_lab.schemas.labs import LAB_ACTIONS, LAB_NAME_RE
+from twarga_lab.schemas.vms import VM_NAME_RE
+from twarga_lab.services.snapshots import SNAPSHOT_ACTIONS
+from twarga_lab.services.vms.lifecycle import ACTIONS
 
 OPENAPI_VERSION = "3.1.0"
 METHODS = ("get", "post", "put", "patch", "delete")
@@ -334,6 +338,19 @@ ERROR_TEXT = {
     503: "A backend (libvirt, the database) cannot be reached right now.",
 }
 
+# What the parsers check beyond a field's JSON type, as JSON Schema keywords (the services'
+# bounds that depend on settings, such as VM sizes, are not in the document).
+VM_NAME = {"pattern": VM_NAME_RE.pattern}
+LAB_NAME = {"pattern": f"^{LAB_NAME_RE.pattern}$"}
+FIELD_RULES: dict[tuple[type[Request], str], dict[str, Any]] = {
+    (CreateVM, "name"): VM_NAME,
+    (CloneVM, "name"): VM_NAME,
+    (UpdateVM, "name"): VM_NAME,
+    (CreateLab, "name"): LAB_NAME,
+    (CreateDeployment, "name"): LAB_NAME,
+    (LabAction, "action"): {"enum": list(LAB_ACTIONS)},
+}
+
 # -- operations ------------------------------------------------------------------------
 
 
@@ -354,6 +371,8 @@ class Op:
     security: tuple[str, ...] = ("hubToken",)
     headers: tuple[str, ...] = ()
     description: str = ""
+    # Keywords added to body fields for this operation only (a shared schema's enum).
+    rules: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 ALL_PARAM = {
@@ -395,6 +414,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         response="VM",
         body=VMAction,
         errors=(*WRITE, 404, 409),
+        rules=(("action", {"enum": list(ACTIONS)}),),
     ),
     ("VMCloneHandler", "post"): Op(
         "Copy a stopped VM under a new name",
@@ -425,6 +445,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         response="VM",
         body=VMAction,
         errors=(*WRITE, 404, 409),
+        rules=(("action", {"enum": list(SNAPSHOT_ACTIONS)}),),
     ),
     ("SnapshotHandler", "delete"): Op("Delete a snapshot", status=204, errors=(404, 409)),
     ("VMConsoleSocket", "get"): Op(
@@ -600,11 +621,19 @@ def _field_schema(doc: FieldDoc, *, query: bool = False) -> dict[str, Any]:
     return schema
 
 
-def body_schema(request: type[Request]) -> dict[str, Any]:
-    """The JSON Schema of a request body: its fields and the seed's aliases, nothing else."""
+def body_schema(
+    request: type[Request], rules: Iterable[tuple[str, dict[str, Any]]] = ()
+) -> dict[str, Any]:
+    """The JSON Schema of a request body: its fields and the seed's aliases, nothing else
+    (with ``FIELD_RULES`` and an operation's own ``rules``)."""
+    extra = dict(rules)
     properties: dict[str, Any] = {}
     for doc in request.describe():
-        properties[doc.name] = _field_schema(doc)
+        properties[doc.name] = {
+            **_field_schema(doc),
+            **FIELD_RULES.get((request, doc.name), {}),
+            **extra.get(doc.name, {}),
+        }
         for alias in doc.aliases:
             properties[alias] = {**_field_schema(doc), "description": f"Alias of {doc.name!r}."}
     schema: dict[str, Any] = {
@@ -691,7 +720,8 @@ def operation(handler: str, method: str, path_params: list[dict[str, Any]]) -> d
         }
     elif op.body is not None:
         assert isinstance(op.body, type)
-        doc["requestBody"] = {"required": True, "content": {JSON: {"schema": body_schema(op.body)}}}
+        schema = body_schema(op.body, op.rules)
+        doc["requestBody"] = {"required": True, "content": {JSON: {"schema": schema}}}
     return doc
 
 

@@ -188,3 +188,28 @@ def test_resource_schemas_accept_real_answers(document):
              "severity": "info", "message": "VM web1 created", "details": {}}  # fmt: skip
     assert valid("Event", event)
     assert not valid("Event", {**event, "severity": "loud"})
+
+
+def test_the_builder_imports_no_tornado():
+    import subprocess
+    import sys
+
+    code = "import sys, twarga_lab.openapi; assert 'tornado' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_names_and_actions_carry_the_parsers_rules(document):
+    def body(path: str, method: str = "post") -> dict[str, Any]:
+        return document["paths"][path][method]["requestBody"]["content"]["application/json"][
+            "schema"
+        ]["properties"]
+
+    name = body("/twarga/api/vms")["name"]
+    validator = Draft202012Validator(name)
+    assert validator.is_valid("web-1") and not validator.is_valid("Web_1")
+    assert body("/twarga/api/vms/{vm_id}/action")["action"]["enum"] == [
+        "start", "stop", "restart", "destroy", "force-stop"
+    ]  # fmt: skip
+    assert body("/twarga/api/vms/{vm_id}/snapshots/{name}")["action"]["enum"] == ["revert"]
+    lab_actions = body("/twarga/api/labs/{lab_id}/action")["action"]["enum"]
+    assert lab_actions == ["start", "stop", "destroy"]
