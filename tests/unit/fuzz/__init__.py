@@ -1,9 +1,10 @@
 """Property tests that feed Twarga's builders and parsers hostile input (issue 14).
 
-The Hypothesis profile ``ci`` (loaded here unless ``TWARGA_FUZZ_PROFILE`` names another):
-no deadline, derandomized (the same cases on every run), no example database. Each test
-asks for :func:`cases` examples, its share of about 10^5 cases for the whole folder;
-``TWARGA_FUZZ_SCALE`` multiplies them (``bench/fuzz.py`` runs the same tests with more).
+The Hypothesis profile ``ci`` (or the one ``TWARGA_FUZZ_PROFILE`` names): no deadline,
+derandomized (the same cases on every run), no example database. Each property takes it
+through :func:`fuzz` (never loaded globally: other Hypothesis tests keep their settings)
+with its share of about 10^5 cases for the whole folder; ``TWARGA_FUZZ_SCALE`` multiplies
+them (``bench/fuzz.py`` runs the same tests with more, random rather than derandomized).
 :data:`RAN` counts the cases each property really ran (printed at the end of the run).
 """
 
@@ -26,12 +27,17 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("bench", settings.get_profile("ci"), derandomize=False)
-settings.load_profile(os.environ.get("TWARGA_FUZZ_PROFILE", "ci"))
+PROFILE = os.environ.get("TWARGA_FUZZ_PROFILE", "ci")
 
 
 def cases(n: int) -> int:
     """``n`` examples, scaled by ``TWARGA_FUZZ_SCALE``."""
     return max(1, round(n * SCALE))
+
+
+def fuzz(n: int) -> settings:
+    """The settings of a property: the profile, with :func:`cases` ``(n)`` examples."""
+    return settings(settings.get_profile(PROFILE), max_examples=cases(n))
 
 
 def ran(name: str) -> None:

@@ -12,10 +12,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.unit.fuzz import cases, ran
+from tests.unit.fuzz import fuzz, ran
 from twarga_lab.virt.domain import (
     QEMU_NS,
     TWARGA_NS,
@@ -283,7 +283,7 @@ def check_domain(spec: DomainSpec) -> None:
     check_values(spec, root)
 
 
-@settings(max_examples=cases(12_000))
+@fuzz(12_000)
 @given(domain_specs())
 def test_hostile_domain_specs_are_refused_or_build_exactly_what_was_asked(spec):
     ran("domain: hostile specs")
@@ -292,7 +292,7 @@ def test_hostile_domain_specs_are_refused_or_build_exactly_what_was_asked(spec):
         check_domain(spec)
 
 
-@settings(max_examples=cases(3_000))
+@fuzz(3_000)
 @given(
     name=valid_name,
     kernel=FIELDS["path"][0],

@@ -14,10 +14,10 @@ from unittest import mock
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.unit.fuzz import cases, ran
+from tests.unit.fuzz import fuzz, ran
 from twarga_lab.errors import ValidationFailed
 from twarga_lab.schemas.me import validate_ssh_key
 from twarga_lab.virt import images
@@ -75,7 +75,7 @@ def checked(segments: list[tuple[object, object]]) -> list[tuple[str, str]] | No
     return out
 
 
-@settings(max_examples=cases(12_000))
+@fuzz(12_000)
 @given(segment_lists)
 def test_the_network_file_is_one_checked_line_per_segment(segments):
     ran("seed: network file")
@@ -102,7 +102,7 @@ CRYPT_SALT = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 @pytest.mark.skipif(MKPASSWD is None, reason="busybox (its mkpasswd) is not installed")
-@settings(max_examples=cases(300))
+@fuzz(300)
 @given(
     password=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                      max_size=80),
@@ -171,7 +171,7 @@ seed_args = {
 SCRATCH = Path(tempfile.mkdtemp(prefix="twarga-fuzz-seed-"))
 
 
-@settings(max_examples=cases(4_000))
+@fuzz(4_000)
 @given(**seed_args)
 def test_cloud_init_documents_read_back_exactly_with_no_key_of_their_own(
     instance_id, hostname, ssh_keys, user, password_hash, syslog_channel, segments
@@ -209,7 +209,7 @@ def test_cloud_init_documents_read_back_exactly_with_no_key_of_their_own(
     assert config == {"version": 2, "ethernets": ethernets}
 
 
-@settings(max_examples=cases(8_000))
+@fuzz(8_000)
 @given(st.one_of(hostile_text, st.lists(st.sampled_from([*HOSTILE, "ssh-ed25519 ", "AAAA"]),
                                         max_size=8).map("".join)))  # fmt: skip
 def test_an_accepted_ssh_key_is_one_line(key):
