@@ -212,13 +212,6 @@ class NeverReady(AssertionError):
     """The adopted VM runs but its "ready" stays false (the known bug, nothing else)."""
 
 
-@pytest.mark.xfail(
-    raises=NeverReady,
-    strict=True,
-    reason="bug: a guest that booted before the kill is adopted with action 'boot', so the "
-    "readiness watcher follows console.log from its current end with no SSH probe and the "
-    "banner it already printed is never seen: ready stays false",
-)
 def test_an_adopted_guest_reports_ready():
     """Killed after the guest printed its banner, before the row said running: once the
     restarted service adopts the VM (running), it must also say ready."""

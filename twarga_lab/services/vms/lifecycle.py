@@ -206,7 +206,8 @@ class Lifecycle:
             domain = await run(book.domain_name, vm_id)
             if await run(self.backend.state, domain) is DomainState.running:
                 # A crash came after the start and before the status: it is made.
-                await run(book.set_status, vm_id, VMStatus.running, None, "boot")
+                # "adopt": readiness reads this boot's console log from its start.
+                await run(book.set_status, vm_id, VMStatus.running, None, "adopt")
                 return
             try:
                 # Never started, so nothing of the owner's is in it: whatever an interrupted

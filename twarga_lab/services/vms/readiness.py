@@ -215,16 +215,22 @@ class Readiness:
             return
         folder = self.instance_dir(vm.domain_name)
         console = folder / CONSOLE_LOG
-        offset = _size(console)
+        # An adopted create (a crash came between the guest's start and its status): its
+        # console log was made fresh for this one boot, so the banner may be in it already.
+        adopted = action == "adopt"
+        offset = 0 if adopted else _size(console)
         # A guest that was paused, or reverted to a memory snapshot, does not boot again.
         reverted = "snapshot_revert" in (action, earlier if previous in TRANSITIONAL else None)
         resumed = previous is VMStatus.paused or reverted
         # Found running outside Twarga's own calls: since when is not known.
         outside = action == "reconcile" and previous not in TRANSITIONAL and not resumed
-        how = "resumed" if resumed else "outside Twarga" if outside else "boot"
+        how = (
+            "resumed" if resumed else "outside Twarga" if outside else "adopted" if adopted
+            else "boot"
+        )  # fmt: skip
         boot = Boot(
             vm.id, vm.domain_name, _key(vm.started_at), console, offset, banner, vm.ssh_port,
-            probe_ssh=resumed or outside, how=how,
+            probe_ssh=resumed or outside or adopted, how=how,
         )  # fmt: skip
         _write_boot_file(folder / BOOT_FILE, offset, boot.started_at)
         self._watch(boot)
