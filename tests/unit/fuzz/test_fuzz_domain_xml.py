@@ -283,7 +283,7 @@ def check_domain(spec: DomainSpec) -> None:
     check_values(spec, root)
 
 
-@fuzz(12_000)
+@fuzz(8_000)
 @given(domain_specs())
 def test_hostile_domain_specs_are_refused_or_build_exactly_what_was_asked(spec):
     ran("domain: hostile specs")
@@ -292,7 +292,7 @@ def test_hostile_domain_specs_are_refused_or_build_exactly_what_was_asked(spec):
         check_domain(spec)
 
 
-@fuzz(3_000)
+@fuzz(1_500)
 @given(
     name=valid_name,
     kernel=FIELDS["path"][0],

@@ -75,7 +75,7 @@ def checked(segments: list[tuple[object, object]]) -> list[tuple[str, str]] | No
     return out
 
 
-@fuzz(12_000)
+@fuzz(8_000)
 @given(segment_lists)
 def test_the_network_file_is_one_checked_line_per_segment(segments):
     ran("seed: network file")
@@ -171,7 +171,7 @@ seed_args = {
 SCRATCH = Path(tempfile.mkdtemp(prefix="twarga-fuzz-seed-"))
 
 
-@fuzz(4_000)
+@fuzz(3_000)
 @given(**seed_args)
 def test_cloud_init_documents_read_back_exactly_with_no_key_of_their_own(
     instance_id, hostname, ssh_keys, user, password_hash, syslog_channel, segments
@@ -209,7 +209,7 @@ def test_cloud_init_documents_read_back_exactly_with_no_key_of_their_own(
     assert config == {"version": 2, "ethernets": ethernets}
 
 
-@fuzz(8_000)
+@fuzz(12_000)
 @given(st.one_of(hostile_text, st.lists(st.sampled_from([*HOSTILE, "ssh-ed25519 ", "AAAA"]),
                                         max_size=8).map("".join)))  # fmt: skip
 def test_an_accepted_ssh_key_is_one_line(key):

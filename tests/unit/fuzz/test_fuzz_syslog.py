@@ -39,7 +39,7 @@ lines = st.one_of(
 )
 
 
-@fuzz(40_000)
+@fuzz(50_000)
 @given(lines)
 def test_no_line_makes_the_parsers_raise(line):
     ran("syslog: parsers never raise")
@@ -139,7 +139,7 @@ class NoSoc:
     """The ingest's SOC is only used by its consumer, which these tests do not start."""
 
 
-@fuzz(18_000)
+@fuzz(15_000)
 @given(network_lines(), peers, st.sampled_from(["udp", "tcp", "virtio"]), st.integers(1, 9))
 def test_a_line_is_only_attributed_through_the_trust_configured_for_that_vm(
     line, peer, channel, vm_id
@@ -170,7 +170,7 @@ def test_a_line_is_only_attributed_through_the_trust_configured_for_that_vm(
         assert untrusting._observe(origin, raw).domain is None  # type: ignore[union-attr]
 
 
-@fuzz(3_000)
+@fuzz(2_500)
 @given(st.dictionaries(st.sampled_from(DOMAINS), st.lists(hostile_text, max_size=3), max_size=3))
 def test_bad_trust_entries_are_refused_never_half_read(mapping):
     ran("syslog: trust settings")
