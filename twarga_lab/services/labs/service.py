@@ -406,10 +406,7 @@ class LabService(LoggingConfigurable):
         errors = [r for r in results if isinstance(r, BaseException)]
         await self._run(self._record_action, lab, identity.name, action, errors)
         if errors:
-            first = errors[0]
-            if isinstance(first, TwargaError):
-                raise first
-            raise first
+            raise errors[0]  # the first refusal, as one VM's action would give it
         return await self._run(self._lab_json, lab_id)
 
     def _record_action(
@@ -527,22 +524,25 @@ class LabService(LoggingConfigurable):
 
     # -- deployments ----------------------------------------------------------------
 
+    def _deployment_to_json(self, deployment: Deployment) -> dict[str, Any]:
+        labs = [lab for lab in deployment.labs if lab.destroyed_at is None]
+        return {
+            "id": deployment.id,
+            "name": deployment.name,
+            "group": deployment.group_name,
+            "template": deployment.template_name,
+            "created_by": deployment.created_by,
+            "created_at": deployment.created_at.isoformat(),
+            "students": sorted(lab.owner.name for lab in labs),
+            "labs": [lab_to_json(lab, self._vm_view) for lab in labs],
+        }
+
     def _deployment_json(self, deployment_id: int) -> dict[str, Any]:
         with self.db.session() as session:
             deployment = session.get(Deployment, deployment_id)
             if deployment is None:
                 raise NotFound(f"deployment {deployment_id} does not exist", "no_deployment")
-            labs = [lab for lab in deployment.labs if lab.destroyed_at is None]
-            return {
-                "id": deployment.id,
-                "name": deployment.name,
-                "group": deployment.group_name,
-                "template": deployment.template_name,
-                "created_by": deployment.created_by,
-                "created_at": deployment.created_at.isoformat(),
-                "students": sorted(lab.owner.name for lab in labs),
-                "labs": [lab_to_json(lab, self._vm_view) for lab in labs],
-            }
+            return self._deployment_to_json(deployment)
 
     async def deploy(self, identity: Identity, request: CreateDeployment) -> dict[str, Any]:
         """A lab from the template for every member of the group (not its instructors)."""
@@ -587,12 +587,11 @@ class LabService(LoggingConfigurable):
 
     def list_deployments(self, identity: Identity) -> list[dict[str, Any]]:
         """Deployments the caller made (admins: all)."""
-        with self.db.session() as session:
-            stmt = select(Deployment.id).order_by(Deployment.id)
+        with self.db.session() as session:  # one session for the whole listing
+            stmt = select(Deployment).order_by(Deployment.id)
             if not identity.admin:
                 stmt = stmt.where(Deployment.created_by == identity.name)
-            ids = list(session.scalars(stmt))
-        return [self._deployment_json(i) for i in ids]
+            return [self._deployment_to_json(d) for d in session.scalars(stmt)]
 
     async def get_deployment(self, identity: Identity, deployment_id: int) -> dict[str, Any]:
         """One deployment with every student's lab (admins and the group's instructors)."""
