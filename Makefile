@@ -116,6 +116,7 @@ bench: deps services image
 	$(BIN)/python bench/vm_lifecycle.py
 	$(BIN)/python bench/metrics.py
 	$(BIN)/python bench/soc.py
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) vms/instances vms/*.db*
