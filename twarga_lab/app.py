@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from jupyter_server.extension.application import ExtensionApp
 from sqlalchemy.engine import make_url
-from traitlets import Enum, Int, TraitType, Type, Unicode, default, observe, validate
+from traitlets import Dict, Enum, Int, List, TraitType, Type, Unicode, default, observe, validate
 from traitlets.config import LoggingConfigurable
 
 from twarga_lab.db import Database
@@ -30,10 +30,12 @@ from twarga_lab.handlers.proxy import PROXY_ROUTES, ProxyTarget
 from twarga_lab.services import Identity
 from twarga_lab.services.consoles import ConsoleService, VMConsoleManager
 from twarga_lab.services.credits import CreditMeter, CreditService
+from twarga_lab.services.hosts import HostService
 from twarga_lab.services.hubusers import HubUserDirectory
 from twarga_lab.services.idle import IdleStopper
 from twarga_lab.services.labs import LabService
 from twarga_lab.services.metrics import MetricsService
+from twarga_lab.services.metrics.prometheus import HypervisorCollector
 from twarga_lab.services.metrics.service import default_scrape_token
 from twarga_lab.services.snapshots import SnapshotService
 from twarga_lab.services.soc import SocService
@@ -41,6 +43,8 @@ from twarga_lab.services.syslog import SyslogCollector, SyslogService
 from twarga_lab.services.users import UserService
 from twarga_lab.services.vms import VMService
 from twarga_lab.virt.backend import HypervisorBackend
+from twarga_lab.virt.host_images import HostImageCache
+from twarga_lab.virt.hosts import Host, HostPool, parse_host_entries
 from twarga_lab.virt.images import TINY_IMAGE, ImageStore
 from twarga_lab.virt.libvirt_backend import LibvirtBackend
 from twarga_lab.virt.probe import resolve_domain_type
@@ -139,6 +143,7 @@ class Services:
     snapshots: SnapshotService
     labs: LabService
 
+    hosts: HostService | None = None  # the hypervisor hosts and placement
     hub_users: HubUserDirectory | None = None  # service mode under a Hub only
     idle: IdleStopper | None = None  # stops VMs nobody uses (idle_stop_after)
 
@@ -186,6 +191,24 @@ class TwargaLabApp(ExtensionApp):
     @default("libvirt_uri")
     def _default_libvirt_uri(self) -> str:
         return os.environ.get("TWARGA_LIBVIRT_URI", "qemu:///system")
+
+    hosts = List(
+        Unicode(),
+        help="""The hypervisor hosts, each ``name=uri`` (a libvirt URI: ``qemu:///system``,
+        ``qemu+ssh://root@h2/system``, ``qemu+tls://h3/system``); a bare URI is named after
+        its host part. Empty (the default): one host, ``local``, at ``libvirt_uri``. New VMs
+        go on the host with the most free RAM (``HostService.ram_overcommit``); a lab stays
+        on one host. Hosts share the VM folder (``vms_dir``) and the images, as
+        hosts of one machine or of one shared filesystem do.""",
+    ).tag(config=True)
+
+    host_image_dirs = Dict(
+        value_trait=Unicode(),
+        help="""Hosts with storage of their own: host name -> a folder on that host where
+        it keeps copies of the images, uploaded through libvirt (a ``twarga-images`` storage
+        pool) the first time a VM of the image goes there, progress in ``GET
+        /twarga/api/hosts``. Hosts not named here use ``images_dir`` as it is.""",
+    ).tag(config=True)
 
     vms_dir = Unicode(
         help="""Where VM disks, seeds, console logs (``instances/``) and, by default, images
@@ -358,6 +381,7 @@ class TwargaLabApp(ExtensionApp):
         SnapshotService,
         IdleStopper,
         LabService,
+        HostService,
     ]
 
     services: Services | None = None
@@ -452,7 +476,12 @@ class TwargaLabApp(ExtensionApp):
         if self.libvirt_uri.startswith("qemu:///system"):
             self.warn_if_unreachable(vms_dir)
         db = Database(self.db_url).open()
-        backend = self.backend_class(self.libvirt_uri)
+        specs = parse_host_entries(list(self.hosts), self.libvirt_uri)
+        backend = HostPool([Host(spec, self.backend_class(spec.uri)) for spec in specs])
+        for name, folder in self.host_image_dirs.items():
+            host = backend.host(name)
+            host.images = HostImageCache(name, host.backend.call, absolute_path(folder))
+        hosts = HostService(db, backend, vms_dir, parent=self)
         images = ImageStore(Path(self.images_dir))
         users = UserService(db, backend=backend, parent=self)  # snapshots count as disk
         vms = VMService(
@@ -466,6 +495,7 @@ class TwargaLabApp(ExtensionApp):
             runs_guests=not self.libvirt_uri.startswith("test:"),
             parent=self,
         )
+        vms.provisioner.hosts = hosts  # placement of new VMs and labs
         credits = CreditService(db, users, parent=self)
         vms.billing = credits  # a VM that stops pays for its seconds since the last tick
         metrics = MetricsService(
@@ -474,6 +504,7 @@ class TwargaLabApp(ExtensionApp):
         soc = SocService(db, parent=self)
         syslog = SyslogService(soc, db, backend, domain_prefix=self.domain_prefix, parent=self)
         metrics.registry.register(SyslogCollector(syslog))
+        metrics.registry.register(HypervisorCollector(backend))
         labs = LabService(db, vms, users, images, parent=self)
         soc.enforcer = labs.enforce_ban  # brute force inside a lab is refused by the target
         return Services(
@@ -492,6 +523,7 @@ class TwargaLabApp(ExtensionApp):
             snapshots=SnapshotService(db, backend, vms, parent=self),
             idle=IdleStopper(db, vms, metrics, parent=self),
             labs=labs,
+            hosts=hosts,
         )
 
     def initialize_settings(self) -> None:

@@ -38,6 +38,7 @@ from twarga_lab.schemas import (
     Request,
     SetQuota,
     SetSSHKey,
+    UpdateHost,
     UpdateVM,
     VMAction,
 )
@@ -45,6 +46,7 @@ from twarga_lab.schemas.labs import LAB_ACTIONS, LAB_NAME_RE
 from twarga_lab.schemas.vms import VM_NAME_RE
 from twarga_lab.services.snapshots import SNAPSHOT_ACTIONS
 from twarga_lab.services.vms.lifecycle import ACTIONS
+from twarga_lab.virt.hosts import HostState
 
 OPENAPI_VERSION = "3.1.0"
 METHODS = ("get", "post", "put", "patch", "delete")
@@ -133,6 +135,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         ssh_port=NINT,
         domain=NSTRING,
         created_at=TIME,
+        host={"type": "string", "description": "The hypervisor host it lives on."},
         started_at=NTIME,
         uptime={"type": "number", "description": "seconds"},
         ready={"type": "boolean"},
@@ -322,6 +325,40 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         group=STRING,
         template=STRING,
         labs=_array("LabGrade"),
+    ),
+    "Host": _object(
+        ("name", "uri", "state", "draining", "vms"),
+        name=STRING,
+        uri=STRING,
+        state={"type": "string", "enum": [s.value for s in HostState]},
+        draining={"type": "boolean"},
+        default={"type": "boolean"},
+        hostname=NSTRING,
+        arch=NSTRING,
+        vcpus=NINT,
+        memory_mb=NINT,
+        vms={"type": "integer"},
+        vcpus_used={"type": "integer"},
+        ram_used_mb={"type": "integer"},
+        ram_free_mb=NINT,
+        disk_total_gb={"type": ["number", "null"]},
+        disk_free_gb={"type": ["number", "null"]},
+        disk_used_gb={"type": "integer"},
+        storage={"type": "string", "enum": ["shared", "own"]},
+        images={
+            "type": "array",
+            "description": "Copies of images on a host with storage of its own.",
+            "items": _object(
+                ("image", "state", "bytes", "total_bytes", "percent"),
+                image=STRING,
+                state={"type": "string", "enum": ["copying", "ready", "failed"]},
+                bytes={"type": "integer"},
+                total_bytes={"type": "integer"},
+                percent=NUMBER,
+                seconds={"type": ["number", "null"]},
+                error=NSTRING,
+            ),
+        },
     ),
     "OpenAPI": {"type": "object", "required": ["openapi", "paths"]},
 }
@@ -567,6 +604,19 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         response="DeploymentGrades",
         body="empty",
         errors=(400, 413, 404, 409),
+    ),
+    ("HostListHandler", "get"): Op(
+        "The hypervisor hosts: state, capacity and what their VMs use",
+        response=_array("Host"),
+        admin=True,
+    ),
+    ("HostHandler", "get"): Op("One hypervisor host", response="Host", errors=(404,), admin=True),
+    ("HostHandler", "patch"): Op(
+        "Drain a host (no new VMs) or take it back",
+        response="Host",
+        body=UpdateHost,
+        errors=(*WRITE, 404),
+        admin=True,
     ),
     ("OpenAPIHandler", "get"): Op("This document", response="OpenAPI"),
 }

@@ -8,6 +8,7 @@ export type VMStatus =
   | 'stopping'
   | 'stopped'
   | 'error'
+  | 'unknown' // its host does not answer; reconciled when it is back
   | 'destroying';
 
 export type VMAction = 'start' | 'stop' | 'restart' | 'destroy' | 'force-stop';

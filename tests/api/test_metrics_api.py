@@ -202,7 +202,12 @@ async def test_prometheus_needs_the_scrape_token_or_an_admin(api, jp_fetch, twar
     assert "twarga_event_loop_max_stall_seconds" in families
     assert families["twarga_vm_cpu_seconds"].type == "counter"
     up = {s.labels["vm_id"]: s for s in families["twarga_vm_up"].samples}
-    assert up[str(vm["id"])].labels == {"vm_id": str(vm["id"]), "vm": "mon-1", "owner": "alice"}
+    assert up[str(vm["id"])].labels == {
+        "vm_id": str(vm["id"]),
+        "vm": "mon-1",
+        "owner": "alice",
+        "host": "local",
+    }
     assert up[str(vm["id"])].value == 1.0
 
     admin = await scrape(jp_fetch, "token admin-token")

@@ -209,7 +209,9 @@ def test_old_and_new_names_are_validated_alike() -> None:
 def test_backend_class_makes_the_backend(make: Any) -> None:
     RecordingBackend.made.clear()
     _, s, _ = make(TwargaLabApp={"backend_class": RecordingBackend})
-    assert isinstance(s.backend, RecordingBackend)
+    # One host (the default ``hosts``): the pool routes every call to that backend.
+    assert [h.name for h in s.backend.hosts.values()] == ["local"]
+    assert isinstance(s.backend.hosts["local"].backend, RecordingBackend)
     assert RecordingBackend.made == ["test:///default"]
     assert s.vms.backend is s.backend and s.metrics.backend is s.backend
     with pytest.raises(TraitError):

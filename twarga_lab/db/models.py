@@ -73,6 +73,7 @@ class VMStatus(enum.StrEnum):
     stopping = "stopping"
     stopped = "stopped"
     error = "error"
+    unknown = "unknown"  # its host does not answer; reconciled when it is back
     destroying = "destroying"
     destroyed = "destroyed"
 
@@ -166,6 +167,8 @@ class VM(Base):
         ForeignKey("labs.id", ondelete="SET NULL"), nullable=True, index=True
     )
     lab_machine: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    # The hypervisor host (a name of ``TwargaLabApp.hosts``) its domain is defined on.
+    host: Mapped[str | None] = mapped_column(String(63), nullable=True, index=True)
 
     owner: Mapped[User] = relationship(back_populates="vms")
     lab: Mapped[Lab | None] = relationship(back_populates="vms")
@@ -192,6 +195,17 @@ class VM(Base):
         ),
         Index("ix_vms_owner_id_status", "owner_id", "status"),
     )
+
+
+class HypervisorHost(Base):
+    """What an admin decided about a host of ``TwargaLabApp.hosts`` (its URI and capacity
+    come from the configuration and from libvirt, not from here)."""
+
+    __tablename__ = "hypervisor_hosts"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class Event(Base):

@@ -3,7 +3,18 @@ registers it and a test walks it to check authentication and ownership."""
 
 from __future__ import annotations
 
-from twarga_lab.handlers import admin, console, images, labs, me, metrics, snapshots, soc, vms
+from twarga_lab.handlers import (
+    admin,
+    console,
+    hosts,
+    images,
+    labs,
+    me,
+    metrics,
+    snapshots,
+    soc,
+    vms,
+)  # fmt: skip
 from twarga_lab.handlers import openapi as openapi_doc
 
 ROUTES = [
@@ -16,6 +27,7 @@ ROUTES = [
     *metrics.default_handlers,
     *soc.default_handlers,
     *labs.default_handlers,
+    *hosts.default_handlers,
     *openapi_doc.default_handlers,
 ]
 

@@ -12,7 +12,7 @@ Modules by resource: ``vms`` (create, change, actions, snapshots), ``me`` (SSH k
 and ``base`` (the machinery).
 """
 
-from twarga_lab.schemas.admin import GrantCredits, SetQuota
+from twarga_lab.schemas.admin import GrantCredits, SetQuota, UpdateHost
 from twarga_lab.schemas.base import MAX_INT, UNSET, FieldDoc, Request, Unset, check_types
 from twarga_lab.schemas.labs import CreateDeployment, CreateLab, LabAction
 from twarga_lab.schemas.me import SetSSHKey, validate_ssh_key
@@ -29,7 +29,7 @@ from twarga_lab.schemas.vms import (
 
 SCHEMAS: tuple[type[Request], ...] = (
     CreateVM, CloneVM, UpdateVM, VMAction, CreateSnapshot, SetSSHKey, GrantCredits, SetQuota,
-    EventQuery, HistoryQuery, CreateLab, LabAction, CreateDeployment,
+    EventQuery, HistoryQuery, CreateLab, LabAction, CreateDeployment, UpdateHost,
 )  # fmt: skip
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "SetQuota",
     "SetSSHKey",
     "Unset",
+    "UpdateHost",
     "UpdateVM",
     "VMAction",
     "check_types",

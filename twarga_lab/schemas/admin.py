@@ -98,3 +98,22 @@ class SetQuota(Request):
                     f"{key} must be at most {MAX_INT}", field=key, reason="out_of_range"
                 )
         return cls(**checked)
+
+
+@dataclass(frozen=True)
+class UpdateHost(Request):
+    """``PATCH /twarga/api/hosts/{name}``: drain a hypervisor host or take it back."""
+
+    required: ClassVar[tuple[str, ...]] = ("draining",)
+
+    draining: bool = field(
+        metadata=wire(
+            "true: the host keeps its VMs and takes no new ones; false: it takes VMs again.",
+            bool,
+        )
+    )
+
+    @classmethod
+    def from_body(cls, body: Any) -> Self:
+        """400 for a body of the wrong shape."""
+        return cls(**cls.checked_body(body))

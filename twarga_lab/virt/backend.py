@@ -22,6 +22,7 @@ class DomainState(enum.StrEnum):
     crashed = "crashed"
     missing = "missing"  # no such domain
     unknown = "unknown"
+    unreachable = "unreachable"  # its host's libvirtd does not answer (HostPool)
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,7 @@ class LibvirtBackend(HypervisorBackend):
         self._lock = threading.RLock()
         self._listeners: list[LifecycleListener] = []
         self._reconnect_listeners: list[Callable[[], None]] = []
+        self._lost_listeners: list[Callable[[], None]] = []
         self._callback_ids: list[int] = []
         self._closed = False
         self._lost = threading.Event()
@@ -211,7 +212,20 @@ class LibvirtBackend(HypervisorBackend):
             self._conn = None
             self._callback_ids = []
         self._lost.set()
+        for listener in list(self._lost_listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("lost-connection listener failed")
         self._start_watchdog()
+
+    def add_lost_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from libvirt's event thread) when the connection drops."""
+        self._lost_listeners.append(listener)
+
+    def connected(self) -> bool:
+        """Whether the connection is open and alive now (no round trip)."""
+        return self._connected()
 
     def _start_watchdog(self) -> None:
         with self._lock:
@@ -246,9 +260,14 @@ class LibvirtBackend(HypervisorBackend):
 
     def add_lifecycle_listener(self, listener: LifecycleListener) -> None:
         self._listeners.append(listener)
-        # Open the connection now so events flow from the start.
-        with contextlib.suppress(BackendUnavailable):
+        # Open the connection now so events flow from the start; a hypervisor that is not
+        # there yet is retried in the background, and reconnect listeners hear when it is.
+        try:
             _ = self.conn
+        except BackendUnavailable:
+            if not self._closed:
+                self._lost.set()
+                self._start_watchdog()
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         state = _EVENT_STATE.get(event)

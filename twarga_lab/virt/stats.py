@@ -215,3 +215,49 @@ def _kib(element: ET.Element) -> int:
     units.update({"m": 1024, "mib": 1024, "mb": 1000**2 / 1024, "g": 1024**2, "gib": 1024**2})
     factor = units.get((element.get("unit") or "KiB").lower(), 1)
     return int(int(element.text or "0") * factor)
+
+
+class PoolStatsReader:
+    """:class:`DomainStatsReader` over every host of a
+    :class:`~twarga_lab.virt.hosts.HostPool`: one bulk call per host; a host that does not
+    answer is left out of the read (its VMs are ``unknown`` elsewhere), not an error."""
+
+    def __init__(self, pool: Any, prefix: str) -> None:
+        self.pool = pool
+        self.prefix = prefix
+        self.readers = {
+            name: DomainStatsReader(host.backend.call, prefix) for name, host in pool.hosts.items()
+        }
+
+    def _each(self, read: Callable[[DomainStatsReader], dict[str, T]]) -> dict[str, T]:
+        merged: dict[str, T] = {}
+        failures: list[TwargaError] = []
+        for name, reader in self.readers.items():
+            try:
+                found = read(reader)
+            except TwargaError as e:
+                failures.append(e)
+                continue
+            for domain, value in found.items():
+                if self.pool.host_of(domain).name == name or domain not in merged:
+                    merged[domain] = value
+        if failures and len(failures) == len(self.readers):
+            raise failures[0]
+        return merged
+
+    def fast(self) -> dict[str, FastStats]:
+        """State and CPU time of every domain of ours, on every host that answers."""
+        return self._each(lambda reader: reader.fast())
+
+    def slow(self) -> dict[str, SlowStats]:
+        """Memory, disk and network counters of every running domain of ours."""
+        return self._each(lambda reader: reader.slow())
+
+    def facts(self, name: str) -> DomainFacts | None:
+        """The cached facts of ``name``, from the host it lives on."""
+        return self.readers[self.pool.host_of(name).name].facts(name)
+
+    def forget(self, name: str) -> None:
+        """Drop the cached facts of ``name`` (its definition changed)."""
+        for reader in self.readers.values():
+            reader.forget(name)

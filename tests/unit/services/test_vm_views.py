@@ -68,6 +68,7 @@ def test_the_json_of_a_vm():
         "lab_id": None,
         "lab_name": None,
         "lab_machine": None,
+        "host": "local",
         "addresses": {},
         "idle_stop_at": None,
     }

@@ -312,10 +312,14 @@ class LabService(LoggingConfigurable):
                 networks[net.name] = row
             session.flush()
             vm_ids = []
+            # A lab lives on one host: its private networks are switches beside its QEMU
+            # processes, so the host must have room for all its machines.
+            hosts = self.vms.provisioner.hosts
+            host = hosts.choose(session, sum(r.ram for r in requests)) if hosts else None
             for instance, request in zip(template.instances(), requests, strict=True):
                 vm_quota.check_create_quota(session, self.users, user_id, request)
                 vm = self.vms.provisioner.new_vm(
-                    session, user_id, request, self.images.get(request.image)
+                    session, user_id, request, self.images.get(request.image), host
                 )
                 vm.lab_id = lab.id
                 vm.lab_machine = instance.name

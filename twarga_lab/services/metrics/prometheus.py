@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 from twarga_lab.services.metrics.catalogue import GB, MB
 from twarga_lab.services.metrics.readers import VMReading
 from twarga_lab.virt.backend import DomainState
+from twarga_lab.virt.hosts import HostPool, HostState
 
 if TYPE_CHECKING:
     from twarga_lab.services.metrics.service import MetricsService
@@ -94,7 +95,7 @@ class PrometheusExposition(Collector):
 
     @staticmethod
     def _vms(readings: list[VMReading]) -> Iterator[Metric]:
-        labels = ["vm_id", "vm", "owner"]
+        labels = ["vm_id", "vm", "owner", "host"]
 
         def family(kind: type, name: str, doc: str) -> Any:
             return kind(f"twarga_vm_{name}", doc, labels=labels)
@@ -111,7 +112,7 @@ class PrometheusExposition(Collector):
         net_rx = family(CounterMetricFamily, "network_received_bytes", "Bytes the VM received.")
         net_tx = family(CounterMetricFamily, "network_sent_bytes", "Bytes the VM sent.")
         for r in readings:
-            values = [str(r.vm_id), r.name, r.owner]
+            values = [str(r.vm_id), r.name, r.owner, r.host]
             running = r.state is DomainState.running
             up.add_metric(values, 1.0 if running else 0.0)
             vcpus.add_metric(values, r.vcpus)
@@ -126,3 +127,38 @@ class PrometheusExposition(Collector):
             net_tx.add_metric(values, r.net_tx_bytes)
         yield from (up, vcpus, cpu, cpu_seconds, memory, memory_used, disk)
         yield from (disk_read, disk_written, net_rx, net_tx)
+
+
+class HypervisorCollector(Collector):
+    """Per-host families of a :class:`~twarga_lab.virt.hosts.HostPool`, labelled ``host``:
+    read from what the pool knows in memory (no libvirt call on a scrape)."""
+
+    def __init__(self, pool: HostPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "twarga_hypervisor_up", "1 while the host's libvirtd answers.", labels=["host"]
+        )
+        draining = GaugeMetricFamily(
+            "twarga_hypervisor_draining", "1 while the host takes no new VMs.", labels=["host"]
+        )
+        vcpus = GaugeMetricFamily("twarga_hypervisor_vcpus", "The host's CPUs.", labels=["host"])
+        memory = GaugeMetricFamily(
+            "twarga_hypervisor_memory_bytes", "The host's RAM.", labels=["host"]
+        )
+        domains = GaugeMetricFamily(
+            "twarga_hypervisor_domains",
+            "Twarga's live domains placed on the host.",
+            labels=["host"],
+        )
+        for host in self.pool.hosts.values():
+            labels = [host.name]
+            up.add_metric(labels, 0.0 if host.state is HostState.down else 1.0)
+            draining.add_metric(labels, 1.0 if host.draining else 0.0)
+            capacity = host.known_capacity
+            if capacity is not None:
+                vcpus.add_metric(labels, capacity.vcpus)
+                memory.add_metric(labels, capacity.memory_mb * MB)
+            domains.add_metric(labels, len(self.pool.domains_on(host.name)))
+        yield from (up, draining, vcpus, memory, domains)

@@ -150,6 +150,7 @@ class VMReading:
     name: str
     owner: str
     domain: str
+    host: str = "local"  # the hypervisor host it runs on (``TwargaLabApp.hosts``)
     vcpus: int = 1
     state: DomainState = DomainState.unknown
     cpu_time_ns: int | None = None
@@ -247,6 +248,7 @@ class VMRef:
     owner: str
     domain: str
     cpu: int
+    host: str = "local"
 
 
 def vm_view(vm: dict[str, Any], r: VMReading, known: bool) -> dict[str, Any]:

@@ -55,7 +55,8 @@ from twarga_lab.services.metrics.prometheus import PrometheusExposition
 from twarga_lab.services.metrics.readers import HostReader, VMReading, VMRef, host_samples, vm_view
 from twarga_lab.services.metrics.thresholds import ThresholdWatch
 from twarga_lab.virt.backend import HypervisorBackend, LifecycleEvent
-from twarga_lab.virt.stats import DomainStatsReader, FastStats
+from twarga_lab.virt.hosts import DEFAULT_HOST, HostPool
+from twarga_lab.virt.stats import DomainStatsReader, FastStats, PoolStatsReader
 
 if TYPE_CHECKING:  # the schema imports the metric catalogue, which is this package
     from twarga_lab.schemas.metrics import HistoryQuery
@@ -149,9 +150,11 @@ class MetricsService(LoggingConfigurable):
         self.domain_prefix = domain_prefix
         self.store = store or MetricStore(db, self.retention)
         self.host_reader = HostReader(disk_path)
-        self.reader = (
-            DomainStatsReader(backend.call, domain_prefix) if backend is not None else None
-        )
+        self.reader: DomainStatsReader | PoolStatsReader | None = None
+        if isinstance(backend, HostPool):
+            self.reader = PoolStatsReader(backend, domain_prefix)  # one bulk read per host
+        elif backend is not None:
+            self.reader = DomainStatsReader(backend.call, domain_prefix)
         self.thresholds = ThresholdWatch(self.limits)
         self.probe = LoopLagProbe()
         self._lock = threading.RLock()
@@ -269,7 +272,7 @@ class MetricsService(LoggingConfigurable):
         reading = self._vms.get(ref.vm_id)
         if reading is None or reading.domain != ref.domain:
             reading = self._vms[ref.vm_id] = VMReading(ref.vm_id, ref.name, ref.owner, ref.domain)
-        reading.name, reading.owner = ref.name, ref.owner
+        reading.name, reading.owner, reading.host = ref.name, ref.owner, ref.host
         return reading
 
     def _refresh_vm_index(self, now: float, seen: Mapping[str, Any]) -> None:
@@ -281,14 +284,14 @@ class MetricsService(LoggingConfigurable):
         self._vm_index_dirty = False
         with self.db.session() as session:
             rows = session.execute(
-                select(VM.id, VM.name, VM.domain_name, User.name, VM.cpu)
+                select(VM.id, VM.name, VM.domain_name, User.name, VM.cpu, VM.host)
                 .join(User, VM.owner_id == User.id)
                 .where(VM.status != VMStatus.destroyed, VM.domain_name.is_not(None))
             ).all()
         prefix = self.domain_prefix
         index = {
-            domain: VMRef(vm_id, name, owner, domain, cpu)
-            for vm_id, name, domain, owner, cpu in rows
+            domain: VMRef(vm_id, name, owner, domain, cpu, host or DEFAULT_HOST)
+            for vm_id, name, domain, owner, cpu, host in rows
             if domain.startswith(prefix)
         }
         with self._lock:

@@ -34,6 +34,8 @@ from twarga_lab.virt.domain import (
     SegmentNICSpec,
     UserNetSpec,
 )
+from twarga_lab.virt.host_images import ImageCopy
+from twarga_lab.virt.hosts import DEFAULT_HOST
 from twarga_lab.virt.images import (
     FileOwner,
     Image,
@@ -46,6 +48,7 @@ from twarga_lab.virt.seed import build_tiny_seed, generate_host_key, generate_pa
 from twarga_lab.virt.switch import MAX_FOLDER_BYTES, start_switch
 
 if TYPE_CHECKING:
+    from twarga_lab.services.hosts import HostService
     from twarga_lab.services.vms.settings import VMServiceConfig
 
 log = logging.getLogger(__name__)
@@ -81,12 +84,22 @@ class Provisioner:
         # Instance folders and files belong to the account libvirt runs QEMU as, 0700/0600.
         self.file_owner = file_owner
         self._switch_lock = threading.Lock()
+        # Where new VMs go when there are several hypervisor hosts (the app sets it).
+        self.hosts: HostService | None = None
 
     # -- the row ----------------------------------------------------------------------
 
-    def new_vm(self, session: Session, user_id: int, request: CreateRequest, image: Image) -> VM:
-        """Add a pending VM row for ``request`` with a free SSH port and its domain name
-        (call under the owner's lock, after the quota checks)."""
+    def new_vm(
+        self,
+        session: Session,
+        user_id: int,
+        request: CreateRequest,
+        image: Image,
+        host: str | None = None,
+    ) -> VM:
+        """Add a pending VM row for ``request`` with a free SSH port, its domain name and
+        its host (``host``, else the one placement chooses); call under the owner's lock,
+        after the quota checks."""
         # tiny's root, a cloud image's default user (its seed has only the hash)
         password = generate_password() if image.kind == "kernel" or image.cloud_init else None
         vm = VM(
@@ -102,9 +115,14 @@ class Provisioner:
             ip_address=GUEST_IP,
             root_password=password,
         )
+        if host is None:
+            host = self.hosts.choose(session, request.ram) if self.hosts else DEFAULT_HOST
+        vm.host = host
         session.add(vm)
         session.flush()
         vm.domain_name = f"{self.config.domain_prefix}{vm.id}-{vm.name}"
+        if self.hosts is not None:
+            self.hosts.pool.assign(vm.domain_name, host)
         return vm
 
     def free_ssh_port(self, session: Session) -> int:
@@ -207,10 +225,42 @@ class Provisioner:
                 )
             start_switch(folder, owner=self.file_owner)
 
-    def domain_spec(self, vm: VM, owner: str) -> DomainSpec:
-        """The libvirt domain for a VM row (rebuilt at every start, so edits apply)."""
+    def host_image(self, vm: VM, image: Image) -> Image:
+        """``image`` as the VM's host has it: the shared files, or (a host with storage of
+        its own, ``TwargaLabApp.host_image_dirs``) its copy there, made on first use while
+        the VM's status message shows the progress."""
+        if self.hosts is None or vm.host is None:
+            return image
+        host = self.hosts.pool.hosts.get(vm.host)
+        if host is None or host.images is None:
+            return image
+        vm_id = vm.id
+        return host.images.ensure(image, lambda copy: self._copy_progress(vm_id, copy))
+
+    def _copy_progress(self, vm_id: int, copy: ImageCopy) -> None:
+        with self.db.session() as session:
+            vm = session.get(VM, vm_id)
+            if copy.state == "copying" and vm is not None and vm.status is VMStatus.pending:
+                vm.status_message = (
+                    f"copying image {copy.image} to host {copy.host}: {copy.percent:.0f}%"
+                )
+            elif copy.state == "ready":
+                if vm is not None and vm.status is VMStatus.pending:
+                    vm.status_message = None
+                record_event(
+                    session, EventType.system, Severity.info,
+                    f"image {copy.image} copied to host {copy.host}: "
+                    f"{copy.total_bytes / 2**20:.1f} MB in {copy.seconds} s",
+                    action="image_copied", host=copy.host, image=copy.image,
+                    bytes=copy.total_bytes, seconds=copy.seconds, vm_id_first=vm_id,
+                )  # fmt: skip
+
+    def domain_spec(self, vm: VM, owner: str, image: Image | None = None) -> DomainSpec:
+        """The libvirt domain for a VM row (rebuilt at every start, so edits apply);
+        ``image``: the VM's image as its host has it (looked up if not given)."""
         assert vm.domain_name is not None
-        image = self.images.get(vm.image)
+        if image is None:
+            image = self.host_image(vm, self.images.get(vm.image))
         folder = self.instance_dir(vm.domain_name)
         disks = [DiskSpec(path=folder / "disk.qcow2", target="vda")]
         if image.cloud_init:
@@ -262,8 +312,8 @@ class Provisioner:
             vm = session.get(VM, vm_id)
             assert vm is not None and vm.domain_name is not None
             owner = vm.owner
-            spec = self.domain_spec(vm, owner.name)
-            image = self.images.get(vm.image)
+            image = self.host_image(vm, self.images.get(vm.image))
+            spec = self.domain_spec(vm, owner.name, image)
             folder = self.instance_dir(vm.domain_name)
             if folder.is_dir():
                 for partial in folder.glob(".*.tmp"):

@@ -31,6 +31,7 @@ from twarga_lab.services.vms.lifecycle import (
 )
 from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEvent
 from twarga_lab.virt.domain import read_twarga_metadata
+from twarga_lab.virt.hosts import HostState
 
 if TYPE_CHECKING:
     from twarga_lab.services.vms.settings import VMServiceConfig
@@ -105,6 +106,8 @@ class Reconciler:
             return False
         if state is DomainState.missing:
             new, message = VMStatus.error, "its libvirt domain has disappeared"
+        elif state is DomainState.unreachable:
+            new, message = VMStatus.unknown, f"its host {vm.host} does not answer"
         else:
             new = STATE_TO_STATUS.get(state)
             if new is None:
@@ -112,7 +115,8 @@ class Reconciler:
             message = "the guest crashed" if state is DomainState.crashed else None
         if new is vm.status:
             return False
-        expected = vm.status in TRANSITIONAL
+        # Back from an unreachable host, whatever it is now is news, not a surprise.
+        expected = vm.status in TRANSITIONAL or vm.status is VMStatus.unknown
         previous = vm.status
         if new is VMStatus.running:
             vm.started_at = utcnow()
@@ -122,7 +126,13 @@ class Reconciler:
         vm.status_message = message
         if self.book.on_change is not None:
             self.book.on_change(vm, previous, "reconcile")
-        if expected:
+        if new is VMStatus.unknown:
+            text = f"VM {vm.name} is unknown: its host {vm.host} does not answer"
+            severity = Severity.warning
+        elif previous is VMStatus.unknown:
+            text = f"VM {vm.name} is {new.value} (its host {vm.host} answers again)"
+            severity = Severity.info
+        elif expected:
             text = f"VM {vm.name} is {new.value}"
             severity = Severity.info
         else:
@@ -132,8 +142,53 @@ class Reconciler:
             session, EventType.vm, severity, text,
             user_name=vm.owner.name, vm_id=vm.id, action="reconcile",
             previous=previous.value, status=new.value, outside_twarga=not expected, detail=how,
+            host=vm.host,
         )  # fmt: skip
         return True
+
+    # -- hosts going away and coming back -----------------------------------------------
+
+    def on_host_thread(self, host: str, state: HostState) -> None:
+        """Called from a backend thread when a host is lost or answers again."""
+        loop = self.loop
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(
+            lambda: self.tasks.spawn(self.on_host(host, state), f"host {host} {state}")
+        )
+
+    async def on_host(self, host: str, state: HostState) -> None:
+        """A lost host: an event, and its VMs are ``unknown``. One back: an event (the
+        reconnect's reconciliation then gives its VMs their true status)."""
+        await run(self._on_host_sync, host, state)
+
+    def _on_host_sync(self, host: str, state: HostState) -> int:
+        changed = 0
+        with self.db.session() as session:
+            if state is HostState.down:
+                vms = session.scalars(
+                    select(VM).where(
+                        VM.host == host,
+                        VM.status.not_in(
+                            (VMStatus.destroyed, VMStatus.pending, VMStatus.destroying)
+                        ),
+                    )
+                ).all()
+                for vm in vms:
+                    if self.apply_state(session, vm, DomainState.unreachable, f"host {host} lost"):
+                        changed += 1
+                text = f"host {host} does not answer: its {changed} VMs are unknown"
+                severity = Severity.warning
+            else:
+                text = f"host {host} answers again"
+                severity = Severity.info
+            record_event(
+                session, EventType.system, severity, text,
+                action="host_down" if state is HostState.down else "host_up", host=host,
+                vms=changed,
+            )  # fmt: skip
+        log.warning("%s", text)
+        return changed
 
     # -- libvirt's events ---------------------------------------------------------------
 

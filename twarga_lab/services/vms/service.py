@@ -159,6 +159,10 @@ class VMService(LoggingConfigurable):
         self.book.on_change = self.readiness.status_changed
         self.readiness.attach(asyncio.get_running_loop())
         self.reconciler.listen(asyncio.get_running_loop())
+        hosts = self.provisioner.hosts
+        if hosts is not None:
+            await self._run(hosts.load)  # where each domain lives, before asking libvirt
+            hosts.pool.add_host_listener(self.reconciler.on_host_thread)
         await self.reconcile(reason="service start")
         await self.remove_orphans()
         await self.readiness.recover()  # VMs that ran while the service was down

@@ -19,6 +19,7 @@ from twarga_lab.db import Database
 from twarga_lab.db.models import VM, Event, User, VMStatus, utcnow
 from twarga_lab.errors import NotFound
 from twarga_lab.services import Identity
+from twarga_lab.virt.hosts import DEFAULT_HOST
 from twarga_lab.virt.seed import key_fingerprint
 
 
@@ -84,6 +85,7 @@ def vm_to_json(
         "lab_id": vm.lab_id,
         "lab_name": vm.lab.name if vm.lab_id is not None and vm.lab is not None else None,
         "lab_machine": vm.lab_machine,
+        "host": vm.host or DEFAULT_HOST,  # the hypervisor host (TwargaLabApp.hosts)
         "addresses": (
             {nic.network.name: nic.address for nic in vm.nics} if vm.lab_id is not None else {}
         ),

@@ -85,8 +85,8 @@ def test_each_vm_is_one_labelled_sample_and_a_stopped_one_is_down():
         cpu_usage=42.0, memory_used_kib=1024, memory_total_kib=2048,
     )  # fmt: skip
     samples = scrape(Snapshot(None, [web, db]))
-    web_labels = (("owner", "alice"), ("vm", "web"), ("vm_id", "7"))
-    db_labels = (("owner", "bob"), ("vm", "db"), ("vm_id", "8"))
+    web_labels = (("host", "local"), ("owner", "alice"), ("vm", "web"), ("vm_id", "7"))
+    db_labels = (("host", "local"), ("owner", "bob"), ("vm", "db"), ("vm_id", "8"))
     assert samples["twarga_vm_up"] == {web_labels: 1.0, db_labels: 0.0}
     assert samples["twarga_vm_cpu_usage_percent"] == {web_labels: 42.0, db_labels: 0.0}
     assert samples["twarga_vm_memory_usage_percent"] == {web_labels: 50.0, db_labels: 0.0}

@@ -197,7 +197,7 @@ def test_the_prometheus_exposition_parses(db, tmp_path, test_domain):
     assert families["twarga_host_network_received_bytes"].type == "counter"
     assert families["twarga_event_loop_max_stall_seconds"].samples[0].value == 0.004
     (up,) = families["twarga_vm_up"].samples
-    assert up.labels == {"vm_id": str(vm_id), "vm": "web-1", "owner": "alice"}
+    assert up.labels == {"vm_id": str(vm_id), "vm": "web-1", "owner": "alice", "host": "local"}
     assert up.value == 1.0
     (vcpus,) = families["twarga_vm_vcpus"].samples
     assert vcpus.value == 2  # from the domain XML, read once
