@@ -117,6 +117,7 @@ bench: deps services image
 	$(BIN)/python bench/metrics.py
 	$(BIN)/python bench/soc.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/host_images.py
 
 clean:
 	rm -rf $(VENV) vms/instances vms/*.db*

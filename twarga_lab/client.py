@@ -276,10 +276,14 @@ class Lab:
         name: str,
         wait: bool = False,
         timeout: float = 300,
+        spread: bool = False,
     ) -> LabInstance:
         """Make lab ``name`` from ``template`` (a template's name, or a whole template as a
-        dict): all its VMs and networks, or nothing. ``wait=True`` waits until all run."""
-        body = {"template": _template_body(template), "name": name}
+        dict): all its VMs and networks, or nothing. ``wait=True`` waits until all run.
+        ``spread=True``: each machine on a different host (templates without networks)."""
+        body: dict[str, Any] = {"template": _template_body(template), "name": name}
+        if spread:
+            body["spread"] = True
         lab = LabInstance(self, self.request("POST", "labs", body))
         return lab.wait("running", timeout) if wait else lab
 
@@ -748,6 +752,23 @@ class Admin:
     def vms(self) -> list[VM]:
         """Every user's VMs."""
         return self._lab.vms.list(all_users=True)
+
+    HOST_COLUMNS = [
+        "name", "state", "draining", "vms", "vcpus", "vcpus_used", "memory_mb",
+        "ram_used_mb", "ram_free_mb", "disk_free_gb", "storage", "uri",
+    ]  # fmt: skip
+
+    def hosts(self) -> Any:
+        """The hypervisor hosts (state, capacity, what their VMs use) as a DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self._lab.request("GET", "hosts"), columns=self.HOST_COLUMNS)
+
+    def drain(self, host: str, draining: bool = True) -> dict[str, Any]:
+        """Drain a host (it keeps its VMs, takes no new ones), or take it back (False)."""
+        return self._lab.request(
+            "PATCH", f"hosts/{quote(host, safe='')}", {"draining": bool(draining)}
+        )
 
 
 # -- labs ----------------------------------------------------------------------------------

@@ -345,6 +345,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         disk_free_gb={"type": ["number", "null"]},
         disk_used_gb={"type": "integer"},
         storage={"type": "string", "enum": ["shared", "own"]},
+        cpu_usage_percent={"type": ["number", "null"]},
+        memory_available_mb=NINT,
         images={
             "type": "array",
             "description": "Copies of images on a host with storage of its own.",

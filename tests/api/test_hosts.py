@@ -7,6 +7,7 @@ comes back (reconciled). The same with real libvirt daemons and guests:
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from tests.helpers import wait_for, wait_status
+from twarga_lab.client import Lab, NotFound, PermissionDenied
 from twarga_lab.db.models import Event
 from twarga_lab.errors import BackendUnavailable
 from twarga_lab.virt.hosts import HostState
@@ -211,3 +213,58 @@ async def test_a_host_that_stops_answering_makes_its_vms_unknown_until_it_is_bac
     last = [e for e in events(twarga, "reconcile") if e.vm_id == on_b["id"]][-1]
     assert last.details["previous"] == "unknown" and last.details["status"] == "running"
     assert "answers again" in last.message
+
+
+def standalone_template(machines: int) -> dict[str, Any]:
+    """A template of ``machines`` machines and no private network."""
+    return {
+        "schema": "twarga-lab-template/v1",
+        "name": "standalone",
+        "machines": [
+            {"name": f"m{i}", "image": "twarga/tiny", "ram": 128} for i in range(machines)
+        ],
+    }
+
+
+async def test_a_spread_lab_puts_each_machine_on_a_host_of_its_own(api, twarga):
+    reply = await api(
+        "POST", "labs", body={"template": standalone_template(2), "name": "apart", "spread": True}
+    )
+    assert reply.status == 201, reply.json
+    assert sorted(vm["host"] for vm in reply.json["vms"]) == ["a", "b"]
+    # Without spread the same template stays on one host.
+    reply = await api("POST", "labs", body={"template": standalone_template(2), "name": "together"})
+    assert len({vm["host"] for vm in reply.json["vms"]}) == 1
+
+
+async def test_spread_is_refused_plainly_when_it_cannot_be_honoured(api, twarga):
+    # Private networks live on one host: a lab with them is never spread.
+    refused = await api(
+        "POST", "labs", body={"template": "attack-defend", "name": "netted", "spread": True}
+    )
+    assert refused.status == 422 and refused.json["reason"] == "lab_on_one_host"
+    # Three machines, two hosts: no lab, no VM is left behind.
+    refused = await api(
+        "POST", "labs", body={"template": standalone_template(3), "name": "three", "spread": True}
+    )
+    assert refused.status == 409 and refused.json["reason"] == "no_host"
+    assert "already used by this lab" in refused.json["message"]
+    assert (await api("GET", "labs")).json == []
+    assert (await api("GET", "vms")).json == []
+    bad = await api("POST", "labs", body={"template": "attack-defend", "name": "x", "spread": 1})
+    assert bad.status == 400 and bad.json["reason"] == "bad_type"
+
+
+async def test_the_notebook_client_lists_and_drains_hosts(api, twarga, jp_http_port, jp_base_url):
+    url = f"http://127.0.0.1:{jp_http_port}{jp_base_url}"
+    admin = Lab(url, "admin-token").admin
+    frame = await asyncio.to_thread(admin.hosts)
+    assert list(frame["name"]) == ["a", "b"] and list(frame["state"]) == ["up", "up"]
+    drained = await asyncio.to_thread(admin.drain, "b")
+    assert drained["state"] == "draining"
+    assert (await create(api, "client-drained"))["host"] == "a"
+    assert (await asyncio.to_thread(admin.drain, "b", False))["state"] == "up"
+    with pytest.raises(PermissionDenied):
+        await asyncio.to_thread(Lab(url, "alice-token").admin.hosts)
+    with pytest.raises(NotFound):
+        await asyncio.to_thread(admin.drain, "nowhere")

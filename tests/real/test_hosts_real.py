@@ -88,8 +88,14 @@ async def test_two_real_hosts_spread_vms_and_survive_one_daemon_dying(
     assert f"<kernel>{second_host.root / 'images'}/" in xml
     local_xml = twarga.services.backend.hosts["local"].backend.domain_xml(first["domain"])
     assert f"<kernel>{twarga.images_dir}/" in local_xml
+    metrics = twarga.services.metrics
+    for _ in range(2):  # two ticks: CPU use is over the time between them
+        await twarga.services.run(metrics.collect)
     hosts = {h["name"]: h for h in (await api("GET", "hosts", user="admin")).json}
     assert hosts["h2"]["state"] == "up" and hosts["h2"]["vms"] == 1
+    for host in hosts.values():  # each libvirtd's own reading of the machine
+        assert 0.0 <= host["cpu_usage_percent"] <= 100.0
+        assert 0 < host["memory_available_mb"] <= host["memory_mb"]
     assert hosts["h2"]["memory_mb"] == hosts["local"]["memory_mb"] > 0
     assert (hosts["local"]["storage"], hosts["h2"]["storage"]) == ("shared", "own")
     [image] = hosts["h2"]["images"]

@@ -38,6 +38,15 @@ class CreateLab(Request):
         )
     )
     name: str = field(metadata=wire(f"The lab's name: {LAB_NAME_DOC} characters.", str))
+    spread: bool = field(
+        default=False,
+        metadata=wire(
+            "Anti-affinity: each machine on a different hypervisor host. Only for a template "
+            "without private networks (a lab's networks live on one host): 422 "
+            "lab_on_one_host otherwise.",
+            bool,
+        ),
+    )
 
     @classmethod
     def from_body(cls, body: Any) -> Self:

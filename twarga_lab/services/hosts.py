@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,15 +132,20 @@ class HostService(LoggingConfigurable):
         total = capacity.memory_mb * (self.ram_overcommit or 1.0)
         return total - usage.ram_mb
 
-    def choose(self, session: Session, ram_mb: int) -> str:
-        """The host a new VM (or a whole lab, ``ram_mb`` its total) goes on.
+    def choose(self, session: Session, ram_mb: int, exclude: Sequence[str] = ()) -> str:
+        """The host a new VM (or a whole lab, ``ram_mb`` its total) goes on; never one of
+        ``exclude`` (anti-affinity: the hosts a spread lab's machines are on already).
 
         409 ``no_host`` when no host is up and taking VMs, ``no_host_capacity`` when
         ``ram_overcommit`` is set and none has room."""
         usage = host_usage(session)
-        candidates = [h for h in self.pool.hosts.values() if h.state is HostState.up]
+        candidates = [
+            h for h in self.pool.hosts.values() if h.state is HostState.up and h.name not in exclude
+        ]
         if not candidates:
             states = ", ".join(f"{h.name} {h.state.value}" for h in self.pool.hosts.values())
+            if exclude:
+                states += f"; already used by this lab: {', '.join(exclude)}"
             raise Conflict(f"no hypervisor host takes new VMs ({states})", "no_host")
         ranked = []
         for order, host in enumerate(candidates):
@@ -160,6 +166,7 @@ class HostService(LoggingConfigurable):
         capacity = host.capacity()
         free = self.free_ram_mb(host, usage)
         disk = self.disk(host)
+        stats = host.stats if host.state is not HostState.down else None
         return {
             "name": host.name,
             "uri": host.uri,
@@ -177,6 +184,9 @@ class HostService(LoggingConfigurable):
             "disk_total_gb": round(disk[0] / GB, 1) if disk else None,
             "disk_free_gb": round(disk[1] / GB, 1) if disk else None,
             "disk_used_gb": usage.disk_gb,  # what its VMs' disks may grow to
+            # What the host's libvirtd read at the metrics collector's last tick.
+            "cpu_usage_percent": stats.cpu_percent if stats else None,
+            "memory_available_mb": stats.memory_available_mb if stats else None,
             "storage": "own" if host.images is not None else "shared",
             "images": host.images.status() if host.images is not None else [],
         }

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from twarga_lab.errors import BackendUnavailable, NotFound, ValidationFailed
+from twarga_lab.errors import BackendUnavailable, NotFound, TwargaError, ValidationFailed
 from twarga_lab.virt.backend import (
     ConsoleChannel,
     DomainState,
@@ -97,6 +97,28 @@ class HostCapacity:
     hostname: str
 
 
+@dataclass(frozen=True)
+class NodeStats:
+    """A host's CPU and memory use, as its libvirtd reads them (``virNodeGetCPUStats``,
+    ``virNodeGetMemoryStats``); None where the driver does not say."""
+
+    cpu_percent: float | None
+    memory_total_mb: int | None
+    memory_available_mb: int | None  # free + buffers + page cache
+
+
+def _node_stats(conn: Any) -> tuple[dict[str, int] | None, dict[str, int] | None]:
+    import libvirt
+
+    cpu: dict[str, int] | None = None
+    memory: dict[str, int] | None = None
+    with contextlib.suppress(libvirt.libvirtError):
+        cpu = conn.getCPUStats(-1)
+    with contextlib.suppress(libvirt.libvirtError):
+        memory = conn.getMemoryStats(-1)
+    return cpu, memory
+
+
 HostListener = Callable[[str, HostState], None]
 
 
@@ -110,6 +132,8 @@ class Host:
         self._capacity: HostCapacity | None = None
         # Its copies of the images, when it has storage of its own (else: shared files).
         self.images: HostImageCache | None = None
+        self.stats: NodeStats | None = None
+        self._cpu_before: tuple[int, int] | None = None  # (busy, total) ns at the last read
 
     @property
     def name(self) -> str:
@@ -137,13 +161,48 @@ class Host:
         """The capacity read last, without asking libvirt (for scrapes on the loop)."""
         return self._capacity
 
+    def read_stats(self) -> NodeStats | None:
+        """Read the host's CPU and memory use now (one round trip); None while it is
+        down. CPU use is over the time since the previous read."""
+        if not self.reachable():
+            self.stats, self._cpu_before = None, None
+            return None
+        try:
+            cpu, memory = self.backend.call(_node_stats, "read the host's statistics")
+        except TwargaError:
+            return self.stats
+        percent = None
+        if cpu:
+            busy = sum(v for k, v in cpu.items() if k not in ("idle", "iowait"))
+            total = busy + cpu.get("idle", 0) + cpu.get("iowait", 0)
+            if self._cpu_before is not None and total > self._cpu_before[1]:
+                percent = round(
+                    100.0 * (busy - self._cpu_before[0]) / (total - self._cpu_before[1]), 1
+                )
+            self._cpu_before = (busy, total)
+        total_mb = available_mb = None
+        if memory:
+            total_mb = memory.get("total", 0) // 1024 or None
+            available_mb = (
+                memory.get("free", 0) + memory.get("buffers", 0) + memory.get("cached", 0)
+            ) // 1024
+        self.stats = NodeStats(percent, total_mb, available_mb)
+        return self.stats
+
     def capacity(self) -> HostCapacity | None:
         """The host's vCPUs and RAM, read once per connection (they do not change while
         it runs); None while it is down and was never reached."""
         if self._capacity is None:
-            with contextlib.suppress(BackendUnavailable, Exception):
-                info = self.backend.call(lambda conn: (conn.getInfo(), conn.getHostname()), "read")
-                (arch, memory_mb, cpus, *_), hostname = info
+            with contextlib.suppress(TwargaError):
+                info, hostname, (_cpu, memory) = self.backend.call(
+                    lambda conn: (conn.getInfo(), conn.getHostname(), _node_stats(conn)),
+                    "read the host's size",
+                )
+                arch, memory_mb, cpus, *_ = info
+                # The node's memory total where the driver has it: getInfo's figure comes
+                # from NUMA node files, which some virtual machines under-report.
+                if memory and memory.get("total"):
+                    memory_mb = memory["total"] // 1024
                 self._capacity = HostCapacity(int(cpus), int(memory_mb), str(arch), str(hostname))
         return self._capacity
 
@@ -307,6 +366,10 @@ class HostPool(HypervisorBackend):
     def call(self, fn: Callable[[Any], T], action: str) -> T:
         """``fn`` on the default host's connection (bulk readers use ``call_on``)."""
         return self.default.backend.call(fn, action)
+
+    def read_stats(self) -> dict[str, NodeStats | None]:
+        """Every host's CPU and memory use now (the metrics collector's tick)."""
+        return {name: host.read_stats() for name, host in self.hosts.items()}
 
     def call_on(self, host: str, fn: Callable[[Any], T], action: str) -> T:
         """``fn`` on one host's connection."""

@@ -38,7 +38,14 @@ from twarga_lab.db.models import (
     VMStatus,
     utcnow,
 )
-from twarga_lab.errors import Conflict, Forbidden, NotFound, QuotaExceeded, TwargaError
+from twarga_lab.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    QuotaExceeded,
+    TwargaError,
+    ValidationFailed,
+)
 from twarga_lab.labs import SHIPPED_TEMPLATES
 from twarga_lab.labs.template import LabTemplate, TemplateCatalogue, parse_template
 from twarga_lab.schemas import CreateDeployment, CreateLab, CreateVM
@@ -230,7 +237,16 @@ class LabService(LoggingConfigurable):
     async def create(self, identity: Identity, request: CreateLab) -> dict[str, Any]:
         """Accept a lab (its VMs pending) and build its VMs in the background."""
         template = await self._run(self.resolve, request.template)
-        lab_id = await self.create_for(identity.name, identity.name, template, request.name)
+        if request.spread and template.networks:
+            raise ValidationFailed(
+                f"lab template {template.name} has private networks, which live on one host: "
+                "its machines cannot be spread over hosts",
+                "spread",
+                "lab_on_one_host",
+            )
+        lab_id = await self.create_for(
+            identity.name, identity.name, template, request.name, spread=request.spread
+        )
         return await self._run(self._lab_json, lab_id)
 
     async def create_for(
@@ -240,14 +256,18 @@ class LabService(LoggingConfigurable):
         template: LabTemplate,
         name: str,
         deployment_id: int | None = None,
+        *,
+        spread: bool = False,
     ) -> int:
-        """Make ``owner``'s lab ``name`` from ``template``; returns its id."""
+        """Make ``owner``'s lab ``name`` from ``template``; returns its id. ``spread``:
+        each machine on a host of its own (a template without networks)."""
         requests = await self._run(self._vm_requests, template, name)
         user_id = await self._run(self.users.ensure, owner)
         try:
             lab_id, vm_ids = await self._run(
-                self._insert, owner, actor, user_id, template, name, requests, deployment_id
-            )
+                self._insert,
+                owner, actor, user_id, template, name, requests, deployment_id, spread,
+            )  # fmt: skip
         except TwargaError as refusal:
             await self._run(self._record_refusal, owner, actor, name, refusal)
             raise
@@ -280,6 +300,7 @@ class LabService(LoggingConfigurable):
         name: str,
         requests: list[vm_quota.CreateRequest],
         deployment_id: int | None,
+        spread: bool = False,
     ) -> tuple[int, list[int]]:
         # One transaction: a refusal of any VM leaves no lab, no network and no VM.
         with self.db.session() as session:
@@ -314,10 +335,17 @@ class LabService(LoggingConfigurable):
             vm_ids = []
             # A lab lives on one host: its private networks are switches beside its QEMU
             # processes, so the host must have room for all its machines.
+            # (Spread, a template without networks: each machine on a host of its own.)
             hosts = self.vms.provisioner.hosts
-            host = hosts.choose(session, sum(r.ram for r in requests)) if hosts else None
+            host = None
+            if hosts is not None and not spread:
+                host = hosts.choose(session, sum(r.ram for r in requests))
+            used: list[str] = []
             for instance, request in zip(template.instances(), requests, strict=True):
                 vm_quota.check_create_quota(session, self.users, user_id, request)
+                if hosts is not None and spread:
+                    host = hosts.choose(session, request.ram, exclude=used)
+                    used.append(host)
                 vm = self.vms.provisioner.new_vm(
                     session, user_id, request, self.images.get(request.image), host
                 )

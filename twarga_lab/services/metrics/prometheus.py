@@ -162,3 +162,18 @@ class HypervisorCollector(Collector):
                 memory.add_metric(labels, capacity.memory_mb * MB)
             domains.add_metric(labels, len(self.pool.domains_on(host.name)))
         yield from (up, draining, vcpus, memory, domains)
+        cpu = GaugeMetricFamily(
+            "twarga_hypervisor_cpu_usage_percent", "The host's CPU use.", labels=["host"]
+        )
+        available = GaugeMetricFamily(
+            "twarga_hypervisor_memory_available_bytes",
+            "The host's free memory and page cache.",
+            labels=["host"],
+        )
+        for host in self.pool.hosts.values():
+            stats = host.stats
+            if stats is not None and stats.cpu_percent is not None:
+                cpu.add_metric([host.name], stats.cpu_percent)
+            if stats is not None and stats.memory_available_mb is not None:
+                available.add_metric([host.name], stats.memory_available_mb * MB)
+        yield from (cpu, available)

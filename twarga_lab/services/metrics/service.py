@@ -213,6 +213,8 @@ class MetricsService(LoggingConfigurable):
                 fast = self.reader.fast()
             except TwargaError as e:
                 log.warning("metrics: cannot read domain statistics: %s", e.message)
+        if isinstance(self.backend, HostPool):
+            self.backend.read_stats()  # each hypervisor's CPU and memory, for Prometheus
         self._refresh_vm_index(now, fast)
         # vCPU counts come from the cached domain XML (read once per lifecycle change).
         facts = {name: self.reader.facts(name) for name in fast} if self.reader else {}
