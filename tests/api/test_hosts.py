@@ -17,8 +17,9 @@ from sqlalchemy import select
 
 from tests.helpers import wait_for, wait_status
 from twarga_lab.client import Lab, NotFound, PermissionDenied
-from twarga_lab.db.models import Event
+from twarga_lab.db.models import VM, Event, VMStatus
 from twarga_lab.errors import BackendUnavailable
+from twarga_lab.virt.host_images import ImageCopy
 from twarga_lab.virt.hosts import HostState
 
 # A second host of the test driver with its own state: 4 CPUs, 4 GiB.
@@ -268,3 +269,19 @@ async def test_the_notebook_client_lists_and_drains_hosts(api, twarga, jp_http_p
         await asyncio.to_thread(Lab(url, "alice-token").admin.hosts)
     with pytest.raises(NotFound):
         await asyncio.to_thread(admin.drain, "nowhere")
+
+
+async def test_a_copy_in_progress_is_the_pending_vms_status_message(api, twarga):
+    vm = await create(api, "copying")
+    with twarga.services.db.session() as session:
+        session.get(VM, vm["id"]).status = VMStatus.pending  # as while its image is copied
+    provisioner = twarga.services.vms.provisioner
+    copy = ImageCopy("twarga/tiny", "b", total_bytes=4000, copied_bytes=1000)
+    await twarga.services.run(provisioner._copy_progress, vm["id"], copy)
+    shown = (await api("GET", f"vms/{vm['id']}")).json
+    assert shown["status_message"] == "copying image twarga/tiny to host b: 25%"
+    copy.copied_bytes, copy.state, copy.seconds = 4000, "ready", 0.5
+    await twarga.services.run(provisioner._copy_progress, vm["id"], copy)
+    assert (await api("GET", f"vms/{vm['id']}")).json["status_message"] is None
+    [copied] = events(twarga, "image_copied")
+    assert copied.details["host"] == "b" and copied.details["bytes"] == 4000

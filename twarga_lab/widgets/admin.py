@@ -119,7 +119,9 @@ class AdminPanel(LivePanel):
                     picker.options = names
                     picker.value = current if current in names else (names[0] if names else None)
         owner_rows = vm_rows(data["vms"], owner=True)
-        self.vms_table.value = html_table(("Owner", *VM_COLUMNS), owner_rows, empty="No VMs.")
+        self.vms_table.value = html_table(
+            ("Owner", "Host", *VM_COLUMNS), owner_rows, empty="No VMs."
+        )
         self.actions.vms = data["vms"]
 
     def _user(self, name: str | None) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ STATUS_COLORS = {
     "paused": "#7f7f7f",
     "stopped": "#7f7f7f",
     "error": "#d62728",
+    "unknown": "#9467bd",  # its host does not answer
 }
 # History windows of the monitor: the `since` the API understands and a step that gives
 # a few hundred points (the finest the stored tiers hold for that window).
@@ -154,7 +155,8 @@ def vm_rows(vms: Iterable[Mapping[str, Any]], owner: bool = False) -> list[dict[
         }
         if owner:
             row["Owner"] = vm.get("owner")
-        if status == "error" and vm.get("status_message"):
+            row["Host"] = vm.get("host") or ""  # admins: which hypervisor it is on
+        if status in ("error", "unknown") and vm.get("status_message"):
             row["Status"] = Markup(
                 row["Status"] + f" <small>{html.escape(vm['status_message'])}</small>"
             )
