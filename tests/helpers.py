@@ -75,3 +75,19 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise AssertionError(f"no free port in {LISTEN_PORTS}")
+
+
+def events_of_action(twarga: Any, action: str) -> list[Any]:
+    """The events whose ``details.action`` is ``action``, oldest first."""
+    from sqlalchemy import select
+
+    from twarga_lab.db.models import Event
+
+    with twarga.services.db.session() as session:
+        return list(
+            session.scalars(
+                select(Event)
+                .where(Event.details["action"].as_string() == action)
+                .order_by(Event.id)
+            )
+        )

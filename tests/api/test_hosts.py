@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select
 
-from tests.helpers import wait_for, wait_status
+from tests.helpers import events_of_action, wait_for, wait_status
 from twarga_lab.client import Lab, NotFound, PermissionDenied
 from twarga_lab.db.models import VM, Event, VMStatus
 from twarga_lab.errors import BackendUnavailable
@@ -39,14 +38,7 @@ def twarga_config(tmp_path: Path) -> dict[str, Any]:
 
 
 def events(twarga: Any, action: str) -> list[Event]:
-    with twarga.services.db.session() as session:
-        return list(
-            session.scalars(
-                select(Event)
-                .where(Event.details["action"].as_string() == action)
-                .order_by(Event.id)
-            )
-        )
+    return events_of_action(twarga, action)
 
 
 def domains_on(twarga: Any, host: str) -> set[str]:

@@ -12,9 +12,8 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
-from tests.helpers import wait_for, wait_status
+from tests.helpers import events_of_action, wait_for, wait_status
 from tests.real.second_libvirtd import SecondLibvirtd
 from twarga_lab.db.models import Event
 
@@ -41,14 +40,7 @@ def twarga_config(real_settings, second_host) -> dict:
 
 
 def events(twarga: Any, action: str) -> list[Event]:
-    with twarga.services.db.session() as session:
-        return list(
-            session.scalars(
-                select(Event)
-                .where(Event.details["action"].as_string() == action)
-                .order_by(Event.id)
-            )
-        )
+    return events_of_action(twarga, action)
 
 
 def local_domains(twarga: Any) -> set[str]:

@@ -62,18 +62,29 @@ def spec(name: str) -> DomainSpec:
     return DomainSpec(name=name, memory_mib=128, vcpus=1, owner="alice", vm_id=1)
 
 
-def test_the_pool_is_a_whole_backend():
-    assert not HostPool.__abstractmethods__
-    assert issubclass(HostPool, HypervisorBackend)
-
-
-def test_calls_go_to_the_host_a_domain_was_placed_on(pool):
+@pytest.fixture
+def placed(pool):
+    """A domain defined on each host: (prefix, on a, on b); undefined afterwards."""
     prefix = f"th{uuid.uuid4().hex[:6]}-"
     on_a, on_b = f"{prefix}1-web", f"{prefix}2-db"
     pool.assign(on_a, "a")
     pool.assign(on_b, "b")
     for name in (on_a, on_b):
         pool.define(spec(name))
+    yield prefix, on_a, on_b
+    for name in (on_a, on_b):
+        pool.destroy(name)
+        pool.undefine(name)
+
+
+def test_the_pool_is_a_whole_backend():
+    assert not HostPool.__abstractmethods__
+    assert issubclass(HostPool, HypervisorBackend)
+
+
+def test_calls_go_to_the_host_a_domain_was_placed_on(pool, placed):
+    prefix, on_a, on_b = placed
+    for name in (on_a, on_b):
         pool.start(name)
     assert set(pool.hosts["a"].backend.states(prefix)) == {on_a}
     assert set(pool.hosts["b"].backend.states(prefix)) == {on_b}
@@ -86,18 +97,10 @@ def test_calls_go_to_the_host_a_domain_was_placed_on(pool):
     assert capacity is not None and (capacity.vcpus, capacity.memory_mb) == (2, 1024)
     with pytest.raises(NotFound):
         pool.assign("x", "nowhere")
-    for name in (on_a, on_b):
-        pool.destroy(name)
-        pool.undefine(name)
 
 
-def test_a_host_that_does_not_answer_lists_its_domains_as_unreachable(pool, monkeypatch):
-    prefix = f"th{uuid.uuid4().hex[:6]}-"
-    on_a, on_b = f"{prefix}1-web", f"{prefix}2-db"
-    pool.assign(on_a, "a")
-    pool.assign(on_b, "b")
-    for name in (on_a, on_b):
-        pool.define(spec(name))
+def test_a_host_that_does_not_answer_lists_its_domains_as_unreachable(pool, placed, monkeypatch):
+    prefix, on_a, on_b = placed
     heard: list[tuple[str, HostState]] = []
     pool.add_host_listener(lambda host, state: heard.append((host, state)))
 
@@ -119,5 +122,3 @@ def test_a_host_that_does_not_answer_lists_its_domains_as_unreachable(pool, monk
     assert heard == [("b", HostState.down), ("b", HostState.up)]
     monkeypatch.undo()
     host_b.draining = False
-    for name in (on_a, on_b):
-        pool.undefine(name)

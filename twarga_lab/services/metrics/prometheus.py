@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 from twarga_lab.services.metrics.catalogue import GB, MB
 from twarga_lab.services.metrics.readers import VMReading
 from twarga_lab.virt.backend import DomainState
-from twarga_lab.virt.hosts import HostPool, HostState
+from twarga_lab.virt.hosts import Host, HostPool, HostState
 
 if TYPE_CHECKING:
     from twarga_lab.services.metrics.service import MetricsService
@@ -136,44 +136,32 @@ class HypervisorCollector(Collector):
     def __init__(self, pool: HostPool) -> None:
         self.pool = pool
 
+    # (name, help, the host's value or None for no sample)
+    FAMILIES: tuple[tuple[str, str, Callable[[HostPool, Host], float | None]], ...] = (
+        ("up", "1 while the host's libvirtd answers.",
+         lambda _p, h: 0.0 if h.state is HostState.down else 1.0),
+        ("draining", "1 while the host takes no new VMs.",
+         lambda _p, h: 1.0 if h.draining else 0.0),
+        ("vcpus", "The host's CPUs.",
+         lambda _p, h: h.known_capacity.vcpus if h.known_capacity else None),
+        ("memory_bytes", "The host's RAM.",
+         lambda _p, h: h.known_capacity.memory_mb * MB if h.known_capacity else None),
+        ("domains", "Twarga's live domains placed on the host.",
+         lambda p, h: len(p.domains_on(h.name))),
+        ("cpu_usage_percent", "The host's CPU use (its libvirtd's reading).",
+         lambda _p, h: h.stats.cpu_percent if h.stats else None),
+        ("memory_available_bytes", "The host's free memory and page cache.",
+         lambda _p, h: (
+             h.stats.memory_available_mb * MB
+             if h.stats and h.stats.memory_available_mb is not None else None
+         )),
+    )  # fmt: skip
+
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            "twarga_hypervisor_up", "1 while the host's libvirtd answers.", labels=["host"]
-        )
-        draining = GaugeMetricFamily(
-            "twarga_hypervisor_draining", "1 while the host takes no new VMs.", labels=["host"]
-        )
-        vcpus = GaugeMetricFamily("twarga_hypervisor_vcpus", "The host's CPUs.", labels=["host"])
-        memory = GaugeMetricFamily(
-            "twarga_hypervisor_memory_bytes", "The host's RAM.", labels=["host"]
-        )
-        domains = GaugeMetricFamily(
-            "twarga_hypervisor_domains",
-            "Twarga's live domains placed on the host.",
-            labels=["host"],
-        )
-        for host in self.pool.hosts.values():
-            labels = [host.name]
-            up.add_metric(labels, 0.0 if host.state is HostState.down else 1.0)
-            draining.add_metric(labels, 1.0 if host.draining else 0.0)
-            capacity = host.known_capacity
-            if capacity is not None:
-                vcpus.add_metric(labels, capacity.vcpus)
-                memory.add_metric(labels, capacity.memory_mb * MB)
-            domains.add_metric(labels, len(self.pool.domains_on(host.name)))
-        yield from (up, draining, vcpus, memory, domains)
-        cpu = GaugeMetricFamily(
-            "twarga_hypervisor_cpu_usage_percent", "The host's CPU use.", labels=["host"]
-        )
-        available = GaugeMetricFamily(
-            "twarga_hypervisor_memory_available_bytes",
-            "The host's free memory and page cache.",
-            labels=["host"],
-        )
-        for host in self.pool.hosts.values():
-            stats = host.stats
-            if stats is not None and stats.cpu_percent is not None:
-                cpu.add_metric([host.name], stats.cpu_percent)
-            if stats is not None and stats.memory_available_mb is not None:
-                available.add_metric([host.name], stats.memory_available_mb * MB)
-        yield from (cpu, available)
+        for name, doc, value_of in self.FAMILIES:
+            family = GaugeMetricFamily(f"twarga_hypervisor_{name}", doc, labels=["host"])
+            for host in self.pool.hosts.values():
+                value = value_of(self.pool, host)
+                if value is not None:
+                    family.add_metric([host.name], float(value))
+            yield family
