@@ -14,6 +14,8 @@ this same file (defaults in brackets):
 - TWARGA_DB_URL                       Twarga's database [sqlite:///<state>/twarga.db]
 - TWARGA_VMS_DIR / TWARGA_IMAGES_DIR  VM storage [<repo>/vms, <repo>/vms/images]
 - TWARGA_LIBVIRT_URI                  [qemu:///system]
+- TWARGA_HOSTS                        several hypervisor hosts, "name=uri name=uri"
+                                      (TwargaLabApp.hosts) [one: local=TWARGA_LIBVIRT_URI]
 - TWARGA_ADMIN_USER                   the first admin [admin]
 - TWARGA_SUBDOMAIN_HOST               e.g. http://lab.example.org:8000: each user's server
                                       on its own origin (<name>.lab.example.org), the
@@ -94,6 +96,8 @@ service_environment = {
     "TWARGA_IMAGES_DIR": IMAGES_DIR,
     "TWARGA_LIBVIRT_URI": LIBVIRT_URI,
 }
+if os.environ.get("TWARGA_HOSTS"):
+    service_environment["TWARGA_HOSTS"] = os.environ["TWARGA_HOSTS"]
 if os.environ.get("TWARGA_METRICS_SCRAPE_TOKEN"):
     service_environment["TWARGA_METRICS_SCRAPE_TOKEN"] = os.environ["TWARGA_METRICS_SCRAPE_TOKEN"]
 service_command = [

@@ -199,8 +199,13 @@ class TwargaLabApp(ExtensionApp):
         its host part. Empty (the default): one host, ``local``, at ``libvirt_uri``. New VMs
         go on the host with the most free RAM (``HostService.ram_overcommit``); a lab stays
         on one host. Hosts share the VM folder (``vms_dir``) and the images, as
-        hosts of one machine or of one shared filesystem do.""",
+        hosts of one machine or of one shared filesystem do. ``$TWARGA_HOSTS`` (entries
+        separated by spaces) is the default.""",
     ).tag(config=True)
+
+    @default("hosts")
+    def _default_hosts(self) -> list[str]:
+        return os.environ.get("TWARGA_HOSTS", "").split()
 
     host_image_dirs = Dict(
         value_trait=Unicode(),

@@ -15,6 +15,7 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 from twarga_lab.app import ALIASES, Services, TwargaLabApp
+from twarga_lab.errors import ValidationFailed
 from twarga_lab.services.metrics import MetricsService
 from twarga_lab.virt.libvirt_backend import LibvirtBackend
 
@@ -227,3 +228,15 @@ def test_the_command_line_reaches_the_services(twarga: Any) -> None:
     assert twarga.metrics_interval == 1.0
     assert twarga.services.metrics.interval == 1.0
     assert twarga.services.soc.policy.maxretry == 4
+
+
+def test_hosts_come_from_the_setting_or_twarga_hosts(make: Any, monkeypatch: Any) -> None:
+    _, one, _ = make()
+    assert [(h.name, h.uri) for h in one.backend.hosts.values()] == [("local", "test:///default")]
+    monkeypatch.setenv("TWARGA_HOSTS", "a=test:///default  b=test:///default")
+    _, two, _ = make()
+    assert list(two.backend.hosts) == ["a", "b"] and two.backend.default.name == "a"
+    _, configured, _ = make(TwargaLabApp={"hosts": ["c=test:///default"]})
+    assert list(configured.backend.hosts) == ["c"]  # the setting wins over the variable
+    with pytest.raises(ValidationFailed, match="listed twice"):
+        make(TwargaLabApp={"hosts": ["c=test:///default", "c=test:///default"]})
