@@ -277,3 +277,22 @@ async def test_a_copy_in_progress_is_the_pending_vms_status_message(api, twarga)
     assert (await api("GET", f"vms/{vm['id']}")).json["status_message"] is None
     [copied] = events(twarga, "image_copied")
     assert copied.details["host"] == "b" and copied.details["bytes"] == 4000
+
+
+class TestAHostDownAtStart:
+    @pytest.fixture
+    def twarga_config(self, tmp_path: Path) -> dict[str, Any]:
+        # Nothing listens on that socket: the host is down from the first moment.
+        gone = f"qemu+unix:///system?socket={tmp_path / 'no-libvirtd'}"
+        return {"hosts": ["a=test:///default", f"b={gone}"], "min_ram_mb": 64}
+
+    async def test_it_is_an_event_and_down_and_vms_go_elsewhere(self, api, twarga):
+        async def heard() -> list[Event]:
+            return events(twarga, "host_down")
+
+        [down] = await wait_for(heard, timeout=10)
+        assert down.details["host"] == "b" and down.severity == "warning"
+        hosts = {h["name"]: h for h in (await api("GET", "hosts", user="admin")).json}
+        assert (hosts["a"]["state"], hosts["b"]["state"]) == ("up", "down")
+        assert hosts["b"]["memory_mb"] is None  # never reached: its size is not known
+        assert (await create(api, "elsewhere"))["host"] == "a"

@@ -265,8 +265,13 @@ class LibvirtBackend(HypervisorBackend):
         try:
             _ = self.conn
         except BackendUnavailable:
-            if not self._closed:
-                self._lost.set()
+            if not self._closed and not self._lost.is_set():
+                self._lost.set()  # once: several services register listeners
+                for lost in list(self._lost_listeners):
+                    try:
+                        lost()
+                    except Exception:
+                        log.exception("lost-connection listener failed")
                 self._start_watchdog()
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:

@@ -56,7 +56,7 @@ class FakeVolume:
 class FakePool:
     def __init__(self, xml: str) -> None:
         self.path = ET.fromstring(xml).findtext("target/path")
-        self.active = self.built = False
+        self.active = self.built = self.refreshed = self.autostart = False
         self.volumes: dict[str, FakeVolume] = {}
 
     def build(self, flags: int) -> None:
@@ -69,10 +69,10 @@ class FakePool:
         self.active = True
 
     def refresh(self, flags: int) -> None:
-        pass
+        self.refreshed = True  # a real pool rescans its folder here
 
     def setAutostart(self, on: int) -> None:
-        pass
+        self.autostart = bool(on)
 
     def storageVolLookupByName(self, name: str) -> FakeVolume:
         if name not in self.volumes:
@@ -139,6 +139,7 @@ def test_the_first_use_copies_every_file_with_progress_then_a_marker(cache, conn
     on_host = cache.ensure(image, lambda copy: heard.append((copy.state, copy.copied_bytes)))
     pool = conn.pools["twarga-images"]
     assert pool.path == "/srv/twarga/images" and pool.built and pool.active
+    assert pool.autostart and pool.refreshed  # there again after the host reboots
     key = copy_key(image)
     for field in ("base_disk", "kernel", "initrd"):
         local = getattr(image, field)

@@ -31,7 +31,7 @@ from twarga_lab.services.vms.lifecycle import (
 )
 from twarga_lab.virt.backend import DomainState, HypervisorBackend, LifecycleEvent
 from twarga_lab.virt.domain import read_twarga_metadata
-from twarga_lab.virt.hosts import HostState
+from twarga_lab.virt.hosts import HostPool, HostState
 
 if TYPE_CHECKING:
     from twarga_lab.services.vms.settings import VMServiceConfig
@@ -64,6 +64,9 @@ class Reconciler:
     def listen(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hear libvirt's lifecycle events and reconnects on ``loop`` from now on."""
         self.loop = loop
+        if isinstance(self.backend, HostPool):
+            # First: a host that is down already is heard when the connections open.
+            self.backend.add_host_listener(self.on_host_thread)
         self.backend.add_lifecycle_listener(self.on_lifecycle_thread)
         self.backend.add_reconnect_listener(self.on_reconnect_thread)
 

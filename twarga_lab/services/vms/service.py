@@ -158,11 +158,11 @@ class VMService(LoggingConfigurable):
         """Listen to libvirt lifecycle events, then reconcile the database with libvirt."""
         self.book.on_change = self.readiness.status_changed
         self.readiness.attach(asyncio.get_running_loop())
-        self.reconciler.listen(asyncio.get_running_loop())
         hosts = self.provisioner.hosts
         if hosts is not None:
             await self._run(hosts.load)  # where each domain lives, before asking libvirt
-            hosts.pool.add_host_listener(self.reconciler.on_host_thread)
+        # Listening opens each host's connection: a round trip, off the loop.
+        await self._run(self.reconciler.listen, asyncio.get_running_loop())
         await self.reconcile(reason="service start")
         await self.remove_orphans()
         await self.readiness.recover()  # VMs that ran while the service was down
