@@ -478,10 +478,10 @@ class TwargaLabApp(ExtensionApp):
         self.apply_aliases()
         vms_dir = Path(self.vms_dir)
         vms_dir.mkdir(parents=True, exist_ok=True)
-        if self.libvirt_uri.startswith("qemu:///system"):
+        specs = parse_host_entries(list(self.hosts), self.libvirt_uri)
+        if any(spec.uri.startswith("qemu:///system") for spec in specs):
             self.warn_if_unreachable(vms_dir)
         db = Database(self.db_url).open()
-        specs = parse_host_entries(list(self.hosts), self.libvirt_uri)
         backend = HostPool([Host(spec, self.backend_class(spec.uri)) for spec in specs])
         for name, folder in self.host_image_dirs.items():
             host = backend.host(name)
@@ -497,7 +497,8 @@ class TwargaLabApp(ExtensionApp):
             vms_dir=vms_dir,
             domain_type=self.resolved_domain_type(),
             domain_prefix=self.domain_prefix,
-            runs_guests=not self.libvirt_uri.startswith("test:"),
+            # Only the test driver runs nothing (switches and seeds are skipped for it).
+            runs_guests=not all(spec.uri.startswith("test:") for spec in specs),
             parent=self,
         )
         vms.provisioner.hosts = hosts  # placement of new VMs and labs
