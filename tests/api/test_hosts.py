@@ -159,6 +159,17 @@ async def test_vm_series_carry_their_host_and_hosts_have_their_own(api, twarga, 
     memory = {s.labels["host"]: s.value for s in families["twarga_hypervisor_memory_bytes"].samples}
     assert memory == {"a": 3072 * 2**20, "b": 4096 * 2**20}
 
+    # A destroyed VM's domain is placed nowhere any more.
+    assert (await api("DELETE", f"vms/{vm_c['id']}")).status == 204
+
+    async def counted() -> dict[str, float]:
+        reply = await jp_fetch("twarga", "metrics", headers={"Authorization": "token admin-token"})
+        families = {f.name: f for f in text_string_to_metric_families(reply.body.decode())}
+        found = families["twarga_hypervisor_domains"].samples
+        return {s.labels["host"]: s.value for s in found} == {"a": 1.0, "b": 1.0}
+
+    await wait_for(counted, timeout=10)
+
 
 async def test_a_host_that_stops_answering_makes_its_vms_unknown_until_it_is_back(
     api, twarga, monkeypatch

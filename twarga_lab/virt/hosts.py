@@ -217,6 +217,8 @@ class HostPool(HypervisorBackend):
         self.default = hosts[0]
         self.uri = self.default.uri
         self._placed: dict[str, str] = {}  # domain name -> host name
+        # Domains nobody placed (orphans a crash left) -> the host whose listing had them.
+        self._seen: dict[str, str] = {}
         self._lock = threading.Lock()
         self._host_listeners: list[HostListener] = []
         self._was_up: dict[str, bool] = {}
@@ -249,9 +251,10 @@ class HostPool(HypervisorBackend):
             self.assign(domain, host if host in self.hosts else None)
 
     def host_of(self, domain: str) -> Host:
-        """The host ``domain`` was placed on (the default host if never placed)."""
+        """The host ``domain`` was placed on; for one never placed, the host that listed
+        it last (``states``), else the default host."""
         with self._lock:
-            name = self._placed.get(domain)
+            name = self._placed.get(domain) or self._seen.get(domain)
         return self.hosts.get(name or "", self.default)
 
     def domains_on(self, host: str) -> list[str]:
@@ -263,6 +266,7 @@ class HostPool(HypervisorBackend):
         """``domain`` is gone for good (undefined)."""
         with self._lock:
             self._placed.pop(domain, None)
+            self._seen.pop(domain, None)
 
     # -- hosts going and coming back --------------------------------------------------
 
@@ -316,6 +320,9 @@ class HostPool(HypervisorBackend):
                         result[domain] = DomainState.unreachable
                 continue
             for domain, state in found.items():
+                with self._lock:
+                    if domain not in self._placed:
+                        self._seen[domain] = host.name
                 # A domain is where it was placed; a same-named stray elsewhere is not it.
                 placed = self.host_of(domain)
                 if placed.name == host.name or domain not in result:

@@ -122,3 +122,18 @@ def test_a_host_that_does_not_answer_lists_its_domains_as_unreachable(pool, plac
     assert heard == [("b", HostState.down), ("b", HostState.up)]
     monkeypatch.undo()
     host_b.draining = False
+
+
+def test_a_domain_nobody_placed_is_driven_where_it_was_listed(pool):
+    # An orphan (a crash between libvirt and the database) on a host other than the
+    # default: once a listing has seen it there, removing it goes to that host.
+    prefix = f"th{uuid.uuid4().hex[:6]}-"
+    orphan = f"{prefix}9-lost"
+    pool.hosts["b"].backend.define(spec(orphan))
+    assert pool.host_of(orphan).name == "a"  # not seen yet: the default host
+    assert pool.states(prefix) == {orphan: DomainState.shutoff}
+    assert pool.host_of(orphan).name == "b"
+    pool.undefine(orphan)
+    assert pool.hosts["b"].backend.state(orphan) is DomainState.missing
+    pool.forget(orphan)
+    assert pool.host_of(orphan).name == "a"

@@ -23,6 +23,7 @@ from twarga_lab.services import Identity
 from twarga_lab.services.events import EventType, Severity, record_event
 from twarga_lab.services.vms.provisioning import Provisioner
 from twarga_lab.virt.backend import DomainState, HypervisorBackend
+from twarga_lab.virt.hosts import HostPool
 
 if TYPE_CHECKING:
     from twarga_lab.services.vms.settings import VMServiceConfig
@@ -325,6 +326,8 @@ class Lifecycle:
         with contextlib.suppress(NotFound):
             self.backend.destroy(domain)
         self.backend.undefine(domain)
+        if isinstance(self.backend, HostPool):
+            self.backend.forget(domain)  # it lives nowhere now
 
     def _mark_destroying(self, vm_id: int, find: Callable[[Session], VM]) -> str:
         with self.book.db.session() as session:
