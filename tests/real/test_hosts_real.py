@@ -2,7 +2,8 @@
 (its own domains, state and sockets: ``tests/real/second_libvirtd.py``), both running
 real tiny guests. Placement spreads the VMs; the second daemon killed with SIGKILL makes
 its VMs ``unknown`` with an event while the first keeps serving (a new VM boots there);
-restarted, its VMs are reconciled (running again: their QEMU processes lived on). h2 has
+restarted, its VMs are reconciled (running again: their QEMU processes lived on). A lab
+goes on one host (h2, with local drained), network and all, and its check passes. h2 has
 storage of its own: the image is copied there (a libvirt storage pool, a stream upload)
 the first time, and only then."""
 
@@ -36,6 +37,8 @@ def twarga_config(real_settings, second_host) -> dict:
         hosts=["local=qemu:///system", f"h2={second_host.uri}"],
         # h2 keeps images of its own: copied there through libvirt on first use.
         host_image_dirs={"h2": str(second_host.root / "images")},
+        min_ram_mb=64,  # the lab template's machines are 128 MB
+        min_disk_gb=1,
     )
 
 
@@ -48,7 +51,7 @@ def local_domains(twarga: Any) -> set[str]:
 
 
 async def ready_vm(api: Any, name: str) -> dict[str, Any]:
-    reply = await api("POST", "vms", body={"name": name})
+    reply = await api("POST", "vms", body={"name": name, "ram": 256})
     assert reply.status == 201, reply.json
     await wait_status(api, reply.json["id"], "running", timeout=90)
 
@@ -126,10 +129,33 @@ async def test_two_real_hosts_spread_vms_and_survive_one_daemon_dying(
     assert fourth["host"] == "h2"
     assert len(events(twarga, "image_copied")) == 1
 
-    # Everything can be destroyed on both hosts, and nothing is left on either.
+    # Every VM can be destroyed, whichever host it is on.
     for vm in (first, second, third, fourth):
         assert (await api("DELETE", f"vms/{vm['id']}")).status == 204
 
+    # A lab stays on one host, its private network too: with local drained it goes to
+    # h2, boots there, and its machines reach each other on their segment.
+    drained = await api("PATCH", "hosts/local", body={"draining": True}, user="admin")
+    assert drained.json["state"] == "draining"
+    reply = await api("POST", "labs", body={"template": "attack-defend", "name": "far"})
+    assert reply.status == 201, reply.json
+    lab_id = reply.json["id"]
+    assert {vm["host"] for vm in reply.json["vms"]} == {"h2"}
+
+    async def lab_ready() -> bool:
+        lab = (await api("GET", f"labs/{lab_id}")).json
+        assert lab["status"] != "error", lab
+        return lab["status"] == "running" and all(vm["ready"] for vm in lab["vms"])
+
+    await wait_for(lab_ready, timeout=180, interval=0.5)
+    checked = await api("POST", f"labs/{lab_id}/check")
+    assert checked.status == 200, checked.json
+    results = {r["check"]: r for r in checked.json["results"]}
+    assert results["attacker reaches target"]["passed"], results
+    await api("PATCH", "hosts/local", body={"draining": False}, user="admin")
+    assert (await api("DELETE", f"labs/{lab_id}")).status == 204
+
+    # Nothing is left on either host.
     async def all_gone() -> bool:
         return not local_domains(twarga) and not second_host.domains(twarga.domain_prefix)
 
