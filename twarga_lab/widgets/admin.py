@@ -1,5 +1,6 @@
 """``AdminPanel``: users with credits, VM counts and quotas; credit grants with a reason;
-quota edits; every user's VMs with their actions. Admins only."""
+quota edits; the hypervisor hosts, drained or taken back; every user's VMs with their
+actions. Admins only."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from traitlets import observe
 from twarga_lab.client import Lab, TwargaAPIError
 from twarga_lab.widgets.base import LivePanel, dispatch
 from twarga_lab.widgets.data import (
+    HOST_COLUMNS,
     USER_COLUMNS,
     VM_COLUMNS,
     error_field,
     format_credits,
+    host_rows,
     html_table,
     parse_optional_int,
     user_rows,
@@ -71,6 +74,14 @@ class AdminPanel(LivePanel):
         self.quota_button.on_click(lambda _: self.save_quota())
         self.quota_result = widgets.HTML("")
         self.quota_user.observe(lambda _: self._fill_quota(), "value")
+        # Hypervisor hosts
+        self.hosts_table = widgets.HTML("")
+        self.host_picker = widgets.Dropdown(description="Host", options=[])
+        self.drain_button = widgets.Button(description="Drain", icon="pause")
+        self.drain_button.on_click(lambda _: self.set_draining(True))
+        self.undrain_button = widgets.Button(description="Take back", icon="play")
+        self.undrain_button.on_click(lambda _: self.set_draining(False))
+        self.host_result = widgets.HTML("")
         # VMs
         self.vms_table = widgets.HTML("")
         self.actions = VMActionBar(self.lab, after=self.request_refresh, force_stop=True)
@@ -93,6 +104,14 @@ class AdminPanel(LivePanel):
             self.quota_user,
             *rows(self.quota_fields, self.quota_errors),
             widgets.HBox([self.quota_button, self.quota_result]),
+            widgets.HTML(
+                "<b>Hypervisor hosts</b> <small>(a drained host keeps its VMs and takes no "
+                "new ones)</small>"
+            ),
+            self.hosts_table,
+            widgets.HBox(
+                [self.host_picker, self.drain_button, self.undrain_button, self.host_result]
+            ),
             widgets.HTML("<b>Every VM</b>"),
             self.vms_table,
             self.actions,
@@ -106,7 +125,8 @@ class AdminPanel(LivePanel):
     def load(self) -> dict[str, Any]:
         users = self.lab.admin.users().to_dict("records")
         vms = [vm.to_dict() for vm in self.lab.vms.list(all_users=True)]
-        return {"users": users, "vms": vms}
+        hosts = self.lab.admin.hosts().to_dict("records")
+        return {"users": users, "vms": vms, "hosts": hosts}
 
     def show(self, data: dict[str, Any]) -> None:
         self.users = data["users"]
@@ -118,6 +138,17 @@ class AdminPanel(LivePanel):
                     current = picker.value
                     picker.options = names
                     picker.value = current if current in names else (names[0] if names else None)
+        self.hosts_table.value = html_table(
+            HOST_COLUMNS, host_rows(data["hosts"]), empty="No hosts."
+        )
+        host_names = [host["name"] for host in data["hosts"]]
+        if list(self.host_picker.options) != host_names:
+            with self.host_picker.hold_sync():
+                current = self.host_picker.value
+                self.host_picker.options = host_names
+                self.host_picker.value = (
+                    current if current in host_names else (host_names[0] if host_names else None)
+                )
         owner_rows = vm_rows(data["vms"], owner=True)
         self.vms_table.value = html_table(
             ("Owner", "Host", *VM_COLUMNS), owner_rows, empty="No VMs."
@@ -157,6 +188,25 @@ class AdminPanel(LivePanel):
     def _granted(self, user: str, balance: float) -> None:
         self.grant_result.value = _ok(f"{user} now has {format_credits(balance)} credits")
         self.grant_fields["reason"].value = ""
+        self.request_refresh()
+
+    # -- hosts -----------------------------------------------------------------------------
+
+    def set_draining(self, draining: bool) -> None:
+        """Drain the chosen host, or take it back."""
+        host = self.host_picker.value
+        self.host_result.value = ""
+        if not host:
+            self.host_result.value = _bad("choose a host")
+            return
+        dispatch(
+            lambda: self.lab.admin.drain(host, draining),
+            lambda answer: self._host_set(answer),
+            lambda error: self._refused(error, {}, self.host_result),
+        )
+
+    def _host_set(self, host: dict[str, Any]) -> None:
+        self.host_result.value = _ok(f"host {host['name']} is {host['state']}")
         self.request_refresh()
 
     # -- quotas ----------------------------------------------------------------------------

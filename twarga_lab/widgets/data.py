@@ -44,6 +44,8 @@ RANGES: dict[str, tuple[str, float | None]] = {
 }
 VM_COLUMNS = ("Name", "Status", "Ready", "IP", "SSH", "Uptime", "Size", "Image")
 USER_COLUMNS = ("User", "Credits", "VMs", "RAM (MB)", "vCPUs", "Disk (GB)", "Active")
+HOST_COLUMNS = ("Host", "State", "VMs", "RAM used / free (MB)", "vCPUs", "CPU", "Storage")
+HOST_COLORS = {"up": "#2ca02c", "draining": "#ff7f0e", "down": "#d62728"}
 EVENT_COLUMNS = ("Time", "Severity", "Type", "Message", "User", "VM", "Source")
 SNAPSHOT_COLUMNS = ("Name", "Taken", "State")
 _QUOTED_FIELD = re.compile(r"^(?:unknown field )?'(\w+)'")
@@ -234,6 +236,28 @@ def user_rows(users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "vCPUs": _limit(usage.get("cpu", 0), quota.get("max_cpu")),
                 "Disk (GB)": _limit(usage.get("disk_gb", 0), quota.get("max_disk_gb")),
                 "Active": "yes" if user.get("active", True) else "no",
+            }
+        )
+    return rows
+
+
+def host_rows(hosts: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Admin table rows of hypervisor hosts (``GET /hosts`` shapes)."""
+    rows = []
+    for host in hosts:
+        state = str(host.get("state") or "")
+        free = host.get("ram_free_mb")
+        cpu = host.get("cpu_usage_percent")
+        rows.append(
+            {
+                "Host": host.get("name"),
+                "State": badge(state, HOST_COLORS.get(state, "#333")),
+                "VMs": host.get("vms", 0),
+                "RAM used / free (MB)": f"{host.get('ram_used_mb', 0)} / "
+                + ("—" if free is None else str(free)),
+                "vCPUs": f"{host.get('vcpus_used', 0)} / {host.get('vcpus') or '—'}",
+                "CPU": "—" if cpu is None else f"{cpu:.0f} %",
+                "Storage": host.get("storage", "shared"),
             }
         )
     return rows

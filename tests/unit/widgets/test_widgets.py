@@ -355,6 +355,22 @@ async def test_admin_quota_edit_and_every_vm(lab_as, api):
     assert (await api("GET", "me", user="bob")).json["quota"]["max_vms"] == 2
 
 
+async def test_admin_panel_shows_hosts_and_drains_one(lab_as, api):
+    panel = AdminPanel(lab_as("admin"))
+    assert await run(panel.refresh)
+    table = state(panel.hosts_table)
+    assert "local" in table and "up" in table and "shared" in table
+    assert state(panel.host_picker, "_options_labels") == ("local",)
+    await run(panel.drain_button.click)
+    assert "host local is draining" in state(panel.host_result)
+    assert "draining" in state(panel.hosts_table)
+    refused = await api("POST", "vms", body={"name": "nowhere"})
+    assert refused.status == 409 and refused.json["reason"] == "no_host"
+    await run(panel.undrain_button.click)
+    assert "host local is up" in state(panel.host_result)
+    assert (await api("POST", "vms", body={"name": "somewhere"})).status == 201
+
+
 async def test_admin_panel_tells_non_admins(lab_as):
     panel = AdminPanel(lab_as("bob"))
     assert not await run(panel.refresh)
