@@ -100,7 +100,9 @@ async def test_the_service_reconnects_after_libvirtd_restarts(api, twarga, clean
         await asyncio.sleep(0.1)
     subprocess.run(["libvirtd", "-d"], check=True)  # no systemd here: start it by hand
     await asyncio.wait_for(reconnected.wait(), timeout=60)
-    # Guests outlive libvirtd, and lifecycle events flow again on the new connection.
+    # While libvirtd was away the VM was unknown; the reconnect's reconciliation makes it
+    # running again (the guest outlived libvirtd), and lifecycle events flow again.
+    await wait_status(api, vm["id"], "running", timeout=30)
     assert domstate(vm["domain"]) == "running"
     assert virsh("destroy", vm["domain"]).returncode == 0
     await wait_status(api, vm["id"], "stopped", timeout=10)
