@@ -90,7 +90,9 @@ class Reconciler:
                     if vm.status is VMStatus.destroying:
                         to_destroy.append(vm.id)  # interrupted while being destroyed
                         continue
-                    state = states.get(vm.domain_name or "", DomainState.missing)
+                    state = self._confirmed(
+                        vm, states.get(vm.domain_name or "", DomainState.missing)
+                    )
                     if self.apply_state(session, vm, state, f"found at {reason}"):
                         changed += 1
             return changed, to_provision
@@ -102,6 +104,19 @@ class Reconciler:
         for vm_id in to_provision:
             self.tasks.spawn(self.lifecycle.provision(vm_id), f"provision VM {vm_id}")
         return changed
+
+    def _confirmed(self, vm: VM, listed: DomainState) -> DomainState:
+        """``listed`` (read before this session began), re-read for this one domain when
+        it would change the VM: a lifecycle event applied meanwhile is newer than the
+        listing and must not be undone by it. Only changes cost a round trip."""
+        if vm.domain_name is None or listed is DomainState.unreachable:
+            return listed
+        if STATE_TO_STATUS.get(listed) is vm.status:
+            return listed
+        try:
+            return self.backend.state(vm.domain_name)
+        except TwargaError:
+            return listed
 
     def apply_state(self, session: Session, vm: VM, state: DomainState, how: str) -> bool:
         """Move ``vm`` to what libvirt says; an unexpected change becomes an event."""
