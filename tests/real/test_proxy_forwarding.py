@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -51,32 +52,45 @@ def service():
 
 @pytest.fixture(scope="module")
 def guest(service):
-    """alice's running guest on the service."""
+    """alice's guest on the service, booted (``ready``), as a user waits for it with
+    ``vm.wait("ready")`` before opening its console: a slow boot under load is not taken
+    for a dead console."""
     headers = auth(SERVER_TOKEN)
     created = httpx.post(
         f"{service.url}twarga/api/vms", json={"name": "behind"}, headers=headers, timeout=60
     )
     assert created.status_code == 201, created.text
     vm = created.json()
-    deadline = time.monotonic() + 120
-    while vm["status"] != "running":
-        assert vm["status"] == "pending", vm
-        assert time.monotonic() < deadline, f"{vm} did not start"
+    deadline = time.monotonic() + 180
+    while not (vm["status"] == "running" and vm["ready"]):
+        assert vm["status"] in ("pending", "running"), vm
+        assert time.monotonic() < deadline, f"{vm} did not boot"
         time.sleep(0.3)
         vm = httpx.get(f"{service.url}twarga/api/vms/{vm['id']}", headers=headers).json()
     return vm
 
 
-async def shell_prompt(ws, timeout: float = 120.0) -> None:
-    """Press Enter until the guest's shell answers with a prompt (it may still boot)."""
+# busybox ash's prompt ("root@behind:~# "), and the cursor-position query (ESC [6n) its line
+# editor may send right after it, in the same write.
+SHELL_PROMPT = r"[#$] (\x1b\[[0-9;]*[A-Za-z])*$"
+
+
+async def shell_prompt(ws, console_log: Path, timeout: float = 120.0) -> None:
+    """Press Enter until the guest's shell answers with a prompt (it may still boot); a
+    failure shows what the guest wrote to its serial port meanwhile (``console_log``)."""
     deadline = time.monotonic() + timeout
+    last = ""
     while True:
         ws.write_message(json.dumps(["stdin", "\r"]))
         try:
-            await read_until(ws, r"[#$] $", timeout=2.0)
+            await read_until(ws, SHELL_PROMPT, timeout=2.0)
             return
-        except (AssertionError, TimeoutError):
-            assert time.monotonic() < deadline, "no shell prompt on the console"
+        except (AssertionError, TimeoutError) as nothing_yet:
+            last = str(nothing_yet) or last
+            if time.monotonic() > deadline:
+                written = console_log.read_text(errors="replace") if console_log.exists() else ""
+                pytest.fail(f"no shell prompt on the console: {last}; the guest wrote "
+                            f"{written[-1500:]!r}")  # fmt: skip
 
 
 @pytest.fixture
@@ -153,7 +167,7 @@ async def test_the_console_is_checked_before_it_is_forwarded(jp_ws_fetch, jp_fet
     ws = await jp_ws_fetch(*console(guest), headers=auth("alice-token"))
     assert json.loads(await ws.read_message()) == ["setup", {}]
     await read_until(ws, "Escape character")
-    await shell_prompt(ws)
+    await shell_prompt(ws, service.work / "vms" / "instances" / guest["domain"] / "console.log")
     ws.write_message(json.dumps(["stdin", "echo $((6*7))\r"]))
     seen = await read_until(ws, r"(^|\n)42\r?\n")
     assert "polkit" not in seen and "Authorization not available" not in seen
