@@ -215,6 +215,15 @@ class TwargaLabApp(ExtensionApp):
         /twarga/api/hosts``. Hosts not named here use ``images_dir`` as it is.""",
     ).tag(config=True)
 
+    host_domain_types = Dict(
+        value_trait=Enum(["kvm", "qemu"]),
+        help="""The libvirt domain type of each host's guests where it differs from this
+        machine's: host name -> ``kvm`` or ``qemu`` (TCG). Hosts not named here use
+        ``domain_type``, resolved on this machine (the ``auto`` probe boots a guest here and
+        cannot judge another host's KVM). Shown as ``domain_type`` in ``GET
+        /twarga/api/hosts``.""",
+    ).tag(config=True)
+
     vms_dir = Unicode(
         help="""Where VM disks, seeds, console logs (``instances/``) and, by default, images
         and the SQLite database live. Relative paths are taken from the working directory.""",
@@ -486,6 +495,11 @@ class TwargaLabApp(ExtensionApp):
         for name, folder in self.host_image_dirs.items():
             host = backend.host(name)
             host.images = HostImageCache(name, host.backend.call, absolute_path(folder))
+        for name in self.host_domain_types:
+            backend.host(name)  # a name that is not a host is a typo, refused here
+        domain_type = self.resolved_domain_type()
+        for host in backend.hosts.values():
+            host.domain_type = self.host_domain_types.get(host.name, domain_type)
         hosts = HostService(db, backend, vms_dir, parent=self)
         images = ImageStore(Path(self.images_dir))
         users = UserService(db, backend=backend, parent=self)  # snapshots count as disk
@@ -495,7 +509,7 @@ class TwargaLabApp(ExtensionApp):
             images,
             users,
             vms_dir=vms_dir,
-            domain_type=self.resolved_domain_type(),
+            domain_type=domain_type,
             domain_prefix=self.domain_prefix,
             # Only the test driver runs nothing (switches and seeds are skipped for it).
             runs_guests=not all(spec.uri.startswith("test:") for spec in specs),

@@ -345,6 +345,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         disk_free_gb={"type": ["number", "null"]},
         disk_used_gb={"type": "integer"},
         storage={"type": "string", "enum": ["shared", "own"]},
+        domain_type={"type": ["string", "null"], "enum": ["kvm", "qemu", None]},
         cpu_usage_percent={"type": ["number", "null"]},
         memory_available_mb=NINT,
         images={

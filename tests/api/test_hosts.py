@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import events_of_action, wait_for, wait_status
+from twarga_lab import errors
 from twarga_lab.client import Lab, NotFound, PermissionDenied
 from twarga_lab.db.models import VM, Event, VMStatus
 from twarga_lab.errors import BackendUnavailable
@@ -307,3 +308,32 @@ class TestAHostDownAtStart:
         assert (hosts["a"]["state"], hosts["b"]["state"]) == ("up", "down")
         assert hosts["b"]["memory_mb"] is None  # never reached: its size is not known
         assert (await create(api, "elsewhere"))["host"] == "a"
+
+
+class TestADomainTypeOfItsOwn:
+    @pytest.fixture
+    def twarga_config(self, tmp_path: Path) -> dict[str, Any]:
+        node = tmp_path / "host-b.xml"
+        node.write_text(HOST_B_XML)
+        return {
+            "hosts": ["a=test:///default", f"b=test://{node}"],
+            "host_domain_types": {"b": "kvm"},
+            "min_ram_mb": 64,
+        }
+
+    async def test_a_host_named_in_host_domain_types_runs_its_guests_so(self, api, twarga):
+        hosts = {h["name"]: h for h in (await api("GET", "hosts", user="admin")).json}
+        # a: this machine's type (the test driver resolves to qemu); b: its own setting.
+        assert (hosts["a"]["domain_type"], hosts["b"]["domain_type"]) == ("qemu", "kvm")
+        placed = [await create(api, f"typed-{i}") for i in range(3)]
+        assert [vm["host"] for vm in placed] == ["b", "b", "a"]  # as in the spread above
+        on_b, on_a = placed[0], placed[2]
+        backend = twarga.services.backend
+        assert "<domain type='kvm'" in backend.domain_xml(on_b["domain"])
+        assert "<domain type='qemu'" in backend.domain_xml(on_a["domain"])
+
+    async def test_a_domain_type_for_a_host_that_is_not_listed_is_refused(self, twarga):
+        twarga.host_domain_types = {"nowhere": "kvm"}
+        with pytest.raises(errors.NotFound) as refused:
+            twarga.make_services()
+        assert "nowhere" in str(refused.value)

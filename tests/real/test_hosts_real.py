@@ -37,6 +37,9 @@ def twarga_config(real_settings, second_host) -> dict:
         hosts=["local=qemu:///system", f"h2={second_host.uri}"],
         # h2 keeps images of its own: copied there through libvirt on first use.
         host_image_dirs={"h2": str(second_host.root / "images")},
+        # h2's guests are TCG by its own setting, as a remote host's would be named: the
+        # boot probe judges this machine only (here both share its hanging KVM).
+        host_domain_types={"h2": "qemu"},
         min_ram_mb=64,  # the lab template's machines are 128 MB
         min_disk_gb=1,
     )
@@ -81,6 +84,7 @@ async def test_two_real_hosts_spread_vms_and_survive_one_daemon_dying(
     assert copied.details["bytes"] > 10 * 2**20
     xml = twarga.services.backend.hosts["h2"].backend.domain_xml(second["domain"])
     assert f"<kernel>{second_host.root / 'images'}/" in xml
+    assert xml.startswith("<domain type='qemu'")
     local_xml = twarga.services.backend.hosts["local"].backend.domain_xml(first["domain"])
     assert f"<kernel>{twarga.images_dir}/" in local_xml
     metrics = twarga.services.metrics
@@ -93,6 +97,7 @@ async def test_two_real_hosts_spread_vms_and_survive_one_daemon_dying(
         assert 0 < host["memory_available_mb"] <= host["memory_mb"]
     assert hosts["h2"]["memory_mb"] == hosts["local"]["memory_mb"] > 0
     assert (hosts["local"]["storage"], hosts["h2"]["storage"]) == ("shared", "own")
+    assert hosts["h2"]["domain_type"] == "qemu"
     [image] = hosts["h2"]["images"]
     assert (image["image"], image["state"], image["percent"]) == ("twarga/tiny", "ready", 100.0)
     assert image["bytes"] == image["total_bytes"] == copied.details["bytes"]

@@ -187,6 +187,7 @@ class HostService(LoggingConfigurable):
             # What the host's libvirtd read at the metrics collector's last tick.
             "cpu_usage_percent": stats.cpu_percent if stats else None,
             "memory_available_mb": stats.memory_available_mb if stats else None,
+            "domain_type": host.domain_type,  # None: the app's (a pool made without it)
             "storage": "own" if host.images is not None else "shared",
             "images": host.images.status() if host.images is not None else [],
         }

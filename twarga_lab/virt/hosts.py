@@ -132,6 +132,9 @@ class Host:
         self._capacity: HostCapacity | None = None
         # Its copies of the images, when it has storage of its own (else: shared files).
         self.images: HostImageCache | None = None
+        # ``kvm`` or ``qemu`` for its guests (``TwargaLabApp.host_domain_types``); None:
+        # the app's ``domain_type``, resolved on this machine.
+        self.domain_type: str | None = None
         self.stats: NodeStats | None = None
         self._cpu_before: tuple[int, int] | None = None  # (busy, total) ns at the last read
 

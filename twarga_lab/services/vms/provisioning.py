@@ -237,6 +237,15 @@ class Provisioner:
         vm_id = vm.id
         return host.images.ensure(image, lambda copy: self._copy_progress(vm_id, copy))
 
+    def host_domain_type(self, vm: VM) -> str:
+        """``kvm`` or ``qemu`` for the VM's guest: its host's own type
+        (``TwargaLabApp.host_domain_types``), else the app's, resolved on this machine."""
+        if self.hosts is not None and vm.host is not None:
+            host = self.hosts.pool.hosts.get(vm.host)
+            if host is not None and host.domain_type is not None:
+                return host.domain_type
+        return self.config.domain_type
+
     def _copy_progress(self, vm_id: int, copy: ImageCopy) -> None:
         with self.db.session() as session:
             vm = session.get(VM, vm_id)
@@ -293,7 +302,7 @@ class Provisioner:
             name=vm.domain_name,
             memory_mib=vm.ram_mb,
             vcpus=vm.cpu,
-            domain_type=self.config.domain_type,
+            domain_type=self.host_domain_type(vm),
             kernel=image.kernel,
             initrd=image.initrd,
             cmdline=cmdline,
