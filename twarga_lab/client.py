@@ -755,7 +755,7 @@ class Admin:
 
     HOST_COLUMNS = [
         "name", "state", "draining", "vms", "vcpus", "vcpus_used", "memory_mb",
-        "ram_used_mb", "ram_free_mb", "disk_free_gb", "storage", "uri",
+        "ram_used_mb", "ram_free_mb", "disk_free_gb", "storage", "domain_type", "uri",
     ]  # fmt: skip
 
     def hosts(self) -> Any:

@@ -44,7 +44,9 @@ RANGES: dict[str, tuple[str, float | None]] = {
 }
 VM_COLUMNS = ("Name", "Status", "Ready", "IP", "SSH", "Uptime", "Size", "Image")
 USER_COLUMNS = ("User", "Credits", "VMs", "RAM (MB)", "vCPUs", "Disk (GB)", "Active")
-HOST_COLUMNS = ("Host", "State", "VMs", "RAM used / free (MB)", "vCPUs", "CPU", "Storage")
+HOST_COLUMNS = (
+    "Host", "State", "VMs", "RAM used / free (MB)", "vCPUs", "CPU", "Storage", "Guests",
+)  # fmt: skip
 HOST_COLORS = {"up": "#2ca02c", "draining": "#ff7f0e", "down": "#d62728"}
 EVENT_COLUMNS = ("Time", "Severity", "Type", "Message", "User", "VM", "Source")
 SNAPSHOT_COLUMNS = ("Name", "Taken", "State")
@@ -258,6 +260,7 @@ def host_rows(hosts: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "vCPUs": f"{host.get('vcpus_used', 0)} / {host.get('vcpus') or '—'}",
                 "CPU": "—" if cpu is None else f"{cpu:.0f} %",
                 "Storage": host.get("storage", "shared"),
+                "Guests": {"kvm": "KVM", "qemu": "TCG"}.get(host.get("domain_type") or "", "—"),
             }
         )
     return rows

@@ -360,6 +360,7 @@ async def test_admin_panel_shows_hosts_and_drains_one(lab_as, api):
     assert await run(panel.refresh)
     table = state(panel.hosts_table)
     assert "local" in table and "up" in table and "shared" in table
+    assert "TCG" in table  # the test driver's guests are domain type qemu
     assert state(panel.host_picker, "_options_labels") == ("local",)
     await run(panel.drain_button.click)
     assert "host local is draining" in state(panel.host_result)
