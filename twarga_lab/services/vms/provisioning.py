@@ -35,7 +35,7 @@ from twarga_lab.virt.domain import (
     UserNetSpec,
 )
 from twarga_lab.virt.host_images import ImageCopy
-from twarga_lab.virt.hosts import DEFAULT_HOST
+from twarga_lab.virt.hosts import DEFAULT_HOST, Host
 from twarga_lab.virt.images import (
     FileOwner,
     Image,
@@ -229,9 +229,7 @@ class Provisioner:
         """``image`` as the VM's host has it: the shared files, or (a host with storage of
         its own, ``TwargaLabApp.host_image_dirs``) its copy there, made on first use while
         the VM's status message shows the progress."""
-        if self.hosts is None or vm.host is None:
-            return image
-        host = self.hosts.pool.hosts.get(vm.host)
+        host = self._host_of(vm)
         if host is None or host.images is None:
             return image
         vm_id = vm.id
@@ -240,11 +238,16 @@ class Provisioner:
     def host_domain_type(self, vm: VM) -> str:
         """``kvm`` or ``qemu`` for the VM's guest: its host's own type
         (``TwargaLabApp.host_domain_types``), else the app's, resolved on this machine."""
-        if self.hosts is not None and vm.host is not None:
-            host = self.hosts.pool.hosts.get(vm.host)
-            if host is not None and host.domain_type is not None:
-                return host.domain_type
+        host = self._host_of(vm)
+        if host is not None and host.domain_type is not None:
+            return host.domain_type
         return self.config.domain_type
+
+    def _host_of(self, vm: VM) -> Host | None:
+        """The host the VM is placed on; None before placement or without a host pool."""
+        if self.hosts is None or vm.host is None:
+            return None
+        return self.hosts.pool.hosts.get(vm.host)
 
     def _copy_progress(self, vm_id: int, copy: ImageCopy) -> None:
         with self.db.session() as session:
